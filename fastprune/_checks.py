@@ -1,0 +1,103 @@
+"""Argument validation shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, range or
+device) with a message that names the argument and says what was expected, so that bad input never
+reaches a kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tokens(x, name: str = "x") -> None:
+    """``x`` must be a ``[B, N, C]`` float32/float16/bfloat16 tensor with B, N, C >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, N, C], got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, N, C] (rank 3), got rank {x.dim()} with shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if min(x.shape) < 1:
+        raise ValueError(f"{name} must have B, N, C >= 1, got shape {tuple(x.shape)}")
+
+
+def check_same_device(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    if other.device != x.device:
+        raise ValueError(f"{name} is on {other.device} but x is on {x.device}: they must be on the same device")
+
+
+def check_int(value, name: str, low: int, high: int) -> int:
+    """``value`` must be a Python (or 0-d integer tensor) int in ``[low, high]``; bool is rejected."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {value}")
+    return value
+
+
+def cls_scores(attn, x: torch.Tensor, name: str = "attn") -> torch.Tensor:
+    """Validate the class token's attention and reduce it to float32 ``[B, N]`` scores.
+
+    Accepted forms: ``[B, N]``; ``[B, H, N]`` (mean over heads); ``[B, H, N, N]`` (row 0, the class
+    query, then mean over heads). The head mean is taken in float32.
+    """
+    if not isinstance(attn, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(attn).__name__}")
+    if not attn.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {attn.dtype}")
+    check_same_device(x, attn, name)
+    B, N, _ = x.shape
+    if attn.dim() == 2:
+        scores = attn
+    elif attn.dim() == 3:
+        scores = attn.float().mean(dim=1) if attn.shape[0] == B and attn.shape[2] == N else attn
+    elif attn.dim() == 4:
+        if attn.shape[2] != N or attn.shape[3] != N:
+            raise ValueError(f"{name} of rank 4 must have shape [B, H, N, N] with N={N}, got {tuple(attn.shape)}")
+        scores = attn[:, :, 0, :].float().mean(dim=1)
+    else:
+        raise ValueError(f"{name} must have shape [B, N], [B, H, N] or [B, H, N, N], got rank {attn.dim()} "
+                         f"with shape {tuple(attn.shape)}")
+    if scores.dim() != 2 or scores.shape[0] != B or scores.shape[1] != N:
+        raise ValueError(f"{name} must match x's batch B={B} and token count N={N} "
+                         f"([B, N], [B, H, N] or [B, H, N, N]), got shape {tuple(attn.shape)}")
+    return scores.float()
+
+
+def check_size(size: Optional[torch.Tensor], x: torch.Tensor, name: str = "size") -> Optional[torch.Tensor]:
+    """``size`` is None or a floating ``[B, N]`` / ``[B, N, 1]`` tensor; returns float32 ``[B, N]``."""
+    if size is None:
+        return None
+    if not isinstance(size, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, N] or [B, N, 1], got {type(size).__name__}")
+    if not size.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {size.dtype}")
+    check_same_device(x, size, name)
+    B, N, _ = x.shape
+    if size.dim() == 3 and size.shape[-1] == 1:
+        size = size.squeeze(-1)
+    if size.dim() != 2 or size.shape[0] != B or size.shape[1] != N:
+        raise ValueError(f"{name} must have shape [B, N] or [B, N, 1] with B={B}, N={N}, got {tuple(size.shape)}")
+    return size.float()
+
+
+def check_metric(metric: Optional[torch.Tensor], x: torch.Tensor, name: str = "metric") -> torch.Tensor:
+    """``metric`` is None (use ``x``) or a floating ``[B, N, Cm]`` tensor on x's device."""
+    if metric is None:
+        return x
+    if not isinstance(metric, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, N, Cm], got {type(metric).__name__}")
+    if metric.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {metric.dtype}")
+    check_same_device(x, metric, name)
+    if metric.dim() != 3 or metric.shape[0] != x.shape[0] or metric.shape[1] != x.shape[1] or metric.shape[2] < 1:
+        raise ValueError(f"{name} must have shape [B, N, Cm] with B={x.shape[0]}, N={x.shape[1]}, "
+                         f"got {tuple(metric.shape)}")
+    return metric

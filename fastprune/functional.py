@@ -1,0 +1,91 @@
+"""The front door: :func:`merge` and :func:`merge_tokens`, with input checks and backend dispatch."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks
+from .reference import Merged, mstm_merge
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "reference"
+    return backend
+
+
+def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[torch.Tensor] = None,
+                 metric: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1, weight: str = "size",
+                 backend: str = "auto") -> Merged:
+    """Merge the ``r`` least-attended tokens into their most similar kept token (MSTM).
+
+    Semantics from "Multi-Scale And Token Mergence: Make Your ViT More Efficient" (Bian et al., 2023),
+    as specified in METHODS.md: keep the ``N - p - r`` non-prefix tokens with the largest class
+    attention (ties: lower index); merge each of the ``r`` others into the kept token it is most
+    cosine-similar to on ``metric``, as a weighted average; sizes add up. Prefix tokens pass through
+    untouched. Output order: prefix tokens, then kept tokens in their original order.
+
+    Args:
+        x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
+        attn: the class token's attention, ``[B, N]``, ``[B, H, N]`` (averaged over heads) or
+            ``[B, H, N, N]`` (row 0 used, averaged over heads); any float dtype, on x's device.
+            Prefix columns are ignored. Softmax probabilities or logits: only the ranking matters,
+            unless ``weight="size_attn"``.
+        r: number of tokens to remove, a Python int with ``0 <= r <= N - num_prefix_tokens - 1``.
+        size: ``[B, N]`` or ``[B, N, 1]`` token sizes (patches per token, positive); ones if None.
+        metric: ``[B, N, Cm]`` features for cosine matching (e.g. the head-mean of the keys);
+            ``x`` if None. Matching is not differentiable: no gradient reaches ``metric``.
+        num_prefix_tokens: ``p``, leading tokens never merged (class, distillation, registers).
+        weight: ``"size"`` (size-weighted average, default) or ``"size_attn"`` (size x class
+            attention, MSTM's importance weighting; then gradients also reach ``attn``).
+        backend: ``"auto"`` (Triton kernels on CUDA, the PyTorch reference on CPU), ``"triton"``
+            or ``"reference"``.
+
+    Returns:
+        :class:`~fastprune.Merged` ``(x, size, index)``: merged tokens ``[B, N - r, C]`` in x's dtype,
+        sizes ``[B, N - r]`` float32, and ``index`` ``[B, N]`` int64, the output position every input
+        token went into (use it to unmerge, pool or visualise; compose maps across layers with
+        ``index_prev.gather(1, ...)``). With ``r == 0`` the tokens are returned unchanged (the same
+        tensor object).
+
+    Raises:
+        TypeError: ``x``/``attn``/``size``/``metric`` not tensors or of an unsupported dtype, ``r`` or
+            ``num_prefix_tokens`` not ints.
+        ValueError: wrong ranks, B/N mismatch between ``x`` and ``attn``/``size``/``metric``, ``r`` or
+            ``num_prefix_tokens`` out of range, tensors on different devices, unknown ``weight`` or
+            ``backend``.
+    """
+    _checks.check_tokens(x)
+    B, N, _ = x.shape
+    p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
+    r = _checks.check_int(r, "r", 0, N - p - 1)
+    scores = _checks.cls_scores(attn, x)
+    size = _checks.check_size(size, x)
+    metric = _checks.check_metric(metric, x)
+    if weight not in ("size", "size_attn"):
+        raise ValueError(f"weight must be 'size' or 'size_attn', got {weight!r}")
+    backend = _resolve_backend(backend, x)
+
+    if r == 0:
+        size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size
+        index = torch.arange(N, device=x.device).expand(B, N)
+        return Merged(x, size, index)
+    if backend == "triton":
+        from .kernels.merge import mstm_merge_triton
+
+        return mstm_merge_triton(x, scores, r, size=size, metric=metric, num_prefix_tokens=p, weight=weight)
+    return mstm_merge(x, scores, r, size=size, metric=metric, num_prefix_tokens=p, weight=weight)
+
+
+def merge(x: torch.Tensor, attn: torch.Tensor, r: int, **kwargs) -> torch.Tensor:
+    """Merge ``r`` tokens of ``x`` by MSTM and return only the tokens ``[B, N - r, C]``.
+
+    Same arguments, semantics and errors as :func:`merge_tokens`, which also returns the merged
+    sizes and the position map.
+    """
+    return merge_tokens(x, attn, r, **kwargs).x

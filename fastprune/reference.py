@@ -1,0 +1,143 @@
+"""PyTorch reference of fastprune's token reduction: the specification the kernels are tested against.
+
+Written for reading, not for speed: every function mirrors one step of the method's description in
+``METHODS.md``. It is also the CPU path of :func:`fastprune.merge`. All arithmetic is done in float32
+(float64 if the input is float64, which the gradient checks use), whatever the input dtype.
+
+Notation: ``x`` tokens ``[B, N, C]``; ``p`` prefix tokens (class, distillation, register tokens) at
+the front, never merged; ``scores`` the class token's attention ``[B, N]``; ``r`` tokens removed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+#: Norms below this are clamped before dividing in cosine similarity (a zero vector has similarity 0).
+COSINE_EPS = 1e-6
+#: Importance weights are clamped to at least this, so a weight sum is never zero.
+WEIGHT_EPS = 1e-12
+
+
+class Merged(NamedTuple):
+    """Result of a token merge.
+
+    Attributes:
+        x: merged tokens ``[B, N - r, C]``, dtype of the input tokens.
+        size: ``[B, N - r]`` float32, the number of patches each output token stands for.
+        index: ``[B, N]`` int64, the output token every input position went into (prefix tokens map to
+            themselves). ``x_in[b, i]`` contributes to ``x[b, index[b, i]]``.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    index: torch.Tensor
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half inputs, float64 for float64 inputs (gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def topk_keep_mask(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Top-k selection: ``[B, N]`` bool mask of prefix tokens plus the ``k`` highest-scoring others.
+
+    Ties are broken by the lower token index (a stable descending sort), as METHODS.md chooses.
+    """
+    B, N = scores.shape
+    p = num_prefix_tokens
+    order = torch.sort(scores[:, p:], dim=1, descending=True, stable=True).indices  # [B, N - p]
+    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
+    keep[:, :p] = True
+    keep.scatter_(1, order[:, :k] + p, True)
+    return keep
+
+
+def output_slots(keep: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` int64: the output position of every kept token (kept tokens keep their order)."""
+    return torch.cumsum(keep.long(), dim=1) - 1
+
+
+def cosine_best_kept(metric: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Cosine matching: for every token, the index of the most similar kept token.
+
+    ``sim(i, j) = <m_i, m_j> / (max(|m_i|, eps) max(|m_j|, eps))`` over kept, non-prefix ``j`` only
+    (prefix tokens never absorb anything). Ties go to the lower index. Returns ``[B, N]`` int64.
+    """
+    m = metric.to(compute_dtype(metric))
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    sim = m @ m.transpose(1, 2)  # [B, N, N]
+    sim = sim.masked_fill(~keep[:, None, :], float("-inf"))
+    return sim.argmax(dim=-1)
+
+
+def merge_weights(scores: torch.Tensor, size: torch.Tensor, weight: str) -> torch.Tensor:
+    """Weights of the weighted merge: ``size`` (ToMe's size-weighted average, the default) or
+    ``size * cls attention`` (MSTM's size x importance choice)."""
+    if weight == "size":
+        return size
+    if weight == "size_attn":
+        return size * scores.clamp_min(WEIGHT_EPS)
+    raise ValueError(f"weight must be 'size' or 'size_attn', got {weight!r}")
+
+
+def weighted_merge(x: torch.Tensor, w: torch.Tensor, size: torch.Tensor, index: torch.Tensor,
+                   n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted merge: ``x'_d = sum_{i -> d} (w_i / W_d) x_i`` with ``W_d = sum_{i -> d} w_i``; sizes add.
+
+    Dividing each weight by its destination's total before summing makes a token that absorbs
+    nothing come out bit-identical (its weight is exactly 1).
+    """
+    B, N, C = x.shape
+    xf = x.to(compute_dtype(x))
+    w = w.to(xf.dtype)
+    total = torch.zeros(B, n_out, dtype=xf.dtype, device=x.device).scatter_add(1, index, w)
+    share = w / total.gather(1, index)  # [B, N]
+    out = torch.zeros(B, n_out, C, dtype=xf.dtype, device=x.device)
+    out = out.scatter_add(1, index[..., None].expand(B, N, C), xf * share[..., None])
+    size_out = torch.zeros(B, n_out, dtype=size.dtype, device=x.device).scatter_add(1, index, size)
+    return out.to(x.dtype), size_out
+
+
+def mstm_merge(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optional[torch.Tensor] = None,
+               metric: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1,
+               weight: str = "size") -> Merged:
+    """MSTM token merging (Bian et al., 2023): merge non-crucial tokens into crucial ones.
+
+    1. Crucial tokens: the ``N - p - r`` non-prefix tokens with the largest class attention.
+    2. Each of the ``r`` others is matched to the crucial token it is most cosine-similar to on
+       ``metric`` (many-to-one).
+    3. Each crucial token becomes the weighted average of itself and the tokens matched to it;
+       sizes add up.
+    4. Output: the prefix tokens, then the crucial tokens in their original order.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        scores: ``[B, N]`` class attention (prefix columns are ignored).
+        r: number of tokens to remove, ``0 <= r <= N - p - 1``.
+        size: ``[B, N]`` token sizes; ones if None.
+        metric: ``[B, N, Cm]`` features compared by cosine similarity; ``x`` if None.
+        num_prefix_tokens: ``p``.
+        weight: ``"size"`` or ``"size_attn"`` (see :func:`merge_weights`).
+
+    Returns:
+        :class:`Merged` ``(x [B, N - r, C], size [B, N - r], index [B, N])``.
+    """
+    B, N, _ = x.shape
+    p = num_prefix_tokens
+    scores = scores.to(compute_dtype(x))
+    if size is None:
+        size = torch.ones(B, N, dtype=scores.dtype, device=x.device)
+    size = size.to(scores.dtype)
+    metric = x if metric is None else metric
+
+    keep = topk_keep_mask(scores.detach(), N - p - r, p)
+    slots = output_slots(keep)
+    candidates = keep.clone()
+    candidates[:, :p] = False
+    best = cosine_best_kept(metric.detach(), candidates)
+    index = torch.where(keep, slots, slots.gather(1, best))
+
+    w = merge_weights(scores, size, weight)
+    x_out, size_out = weighted_merge(x, w, size, index, N - r)
+    return Merged(x_out, size_out, index)

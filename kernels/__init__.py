@@ -1,0 +1,1 @@
+"""Triton kernels of fastprune (installed as ``fastprune.kernels``)."""
