@@ -1,0 +1,60 @@
+# Set up the CUDA compiler that matches the installed torch, from the package registry, so that
+# fastprune's CUDA extension (csrc/merge_cuda.cu -> fastprune._C_cuda) compiles and links on a machine
+# without a GPU (CI) as well as with one. Source it from the project's virtualenv, then build:
+#
+#     source csrc/setup_cuda_toolchain.sh
+#     pip install --no-build-isolation -e .
+#
+# What it does (see ../shared/docs/ENVIRONMENT.md, "Building the C++/CUDA extension without a GPU"):
+#   1. reads torch.version.cuda (e.g. 13.2) and installs nvidia-cuda-nvcc, nvidia-cuda-crt and
+#      nvidia-nvvm of that exact version (a system nvcc of another version has headers that clash
+#      with torch's: "CUDA compiler and CUDA toolkit headers are incompatible");
+#   2. exports CUDA_HOME=<site-packages>/nvidia/cu<major> and puts its bin/ first on PATH;
+#   3. adds the unversioned libcudart.so next to libcudart.so.<major> (the linker asks for it);
+#   4. exports FASTPRUNE_BUILD_CUDA=1 (a failed CUDA build is then an error, not a skip), and
+#      defaults for TORCH_CUDA_ARCH_LIST (8.0;9.0+PTX) and MAX_JOBS (2).
+# Returns non-zero (without exiting the calling shell) if torch has no CUDA or a step fails.
+
+_fastprune_cuda_toolchain() {
+    local py="${PYTHON:-python}"
+    local torch_cuda
+    torch_cuda="$("$py" -c 'import torch; print(torch.version.cuda or "")')" || {
+        echo "setup_cuda_toolchain: cannot import torch with $py" >&2; return 1; }
+    if [ -z "$torch_cuda" ]; then
+        echo "setup_cuda_toolchain: this torch has no CUDA support; nothing to set up" >&2
+        return 1
+    fi
+    local version major
+    version="$(echo "$torch_cuda" | cut -d. -f1-2)"
+    major="${version%%.*}"
+    "$py" -m pip install --quiet "nvidia-cuda-nvcc==${version}.*" "nvidia-cuda-crt==${version}.*" \
+        "nvidia-nvvm==${version}.*" || {
+        echo "setup_cuda_toolchain: pip could not install the CUDA ${version} compiler" >&2; return 1; }
+    local site home
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    home="$site/nvidia/cu$major"
+    if [ ! -x "$home/bin/nvcc" ]; then
+        echo "setup_cuda_toolchain: expected nvcc at $home/bin/nvcc (CUDA $version wheels)" >&2
+        return 1
+    fi
+    if [ ! -e "$home/lib/libcudart.so" ]; then
+        local versioned
+        versioned="$(ls "$home"/lib/libcudart.so.* 2>/dev/null | head -n 1)"
+        if [ -z "$versioned" ]; then
+            echo "setup_cuda_toolchain: no libcudart.so.* in $home/lib" >&2; return 1
+        fi
+        ln -s "$(basename "$versioned")" "$home/lib/libcudart.so" || return 1
+    fi
+    export CUDA_HOME="$home"
+    case ":$PATH:" in
+        *":$home/bin:"*) ;;
+        *) export PATH="$home/bin:$PATH" ;;
+    esac
+    export FASTPRUNE_BUILD_CUDA=1
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
+    export MAX_JOBS="${MAX_JOBS:-2}"
+    echo "setup_cuda_toolchain: CUDA_HOME=$CUDA_HOME ($("$home/bin/nvcc" --version | grep -o 'release [0-9.]*')," \
+         "torch CUDA $torch_cuda, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+}
+
+_fastprune_cuda_toolchain

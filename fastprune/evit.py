@@ -1,0 +1,182 @@
+"""EViT: keep the attentive tokens, fuse the inattentive ones into one token.
+
+Semantics from "Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations" (Liang et al., ICLR 2022), as specified in ``METHODS.md``: after the attention
+residual of a reduction layer (3, 6 and 9, 0-based, by default), the ``K = ceil(rho (N - p))``
+non-prefix tokens with the largest class attention (softmax form) are kept; the other ``N - p - K``
+("inattentive") tokens are fused into ONE extra token ``sum_i a_i x_i``, weighted by their class
+attention ``a_i``. Output: prefix tokens, kept tokens, fused token; then the MLP.
+
+This module holds the PyTorch reference (:func:`evit_reference`, the specification the kernel is
+tested against and the CPU path) and the public functional API (:func:`evit_tokens`, :func:`evit`)
+with input validation and backend dispatch. The fused Triton kernels (one launch selects and fuses)
+live in ``kernels/evit.py``.
+
+Choices (``METHODS.md`` leaves them open):
+
+* kept tokens are written in their **original order** (as MSTM's kept tokens), not by attention;
+* fusion weights are the raw class attention (the paper's form, weights sum to less than 1) by
+  default; ``normalize=True`` divides them by their sum (a weighted average);
+* the fused token's size is the sum of the fused tokens' sizes; sizes do not enter the weights
+  (with proportional attention they are already part of ``a``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import _checks
+from .functional import _resolve_backend
+from .reference import WEIGHT_EPS, Merged, compute_dtype, output_slots, topk_keep_mask
+
+__all__ = ["evit_tokens", "evit", "evit_reference", "kept_count", "check_keep_rate",
+           "DEFAULT_KEEP_RATE", "DEFAULT_LAYERS"]
+
+#: EViT's reduction layers (0-based block indices) and keep rate for DeiT/ViT with 12 blocks.
+DEFAULT_LAYERS = (3, 6, 9)
+DEFAULT_KEEP_RATE = 0.7
+
+#: ``ceil`` tolerance: ``0.7 * 10`` is ``7.000000000000001`` in floating point and must keep 7 tokens.
+_CEIL_TOL = 1e-6
+
+
+def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
+    """``keep_rate`` must be a real number (not bool) with ``0 < keep_rate <= 1``; returns a float."""
+    if isinstance(keep_rate, torch.Tensor) and keep_rate.dim() == 0 and keep_rate.is_floating_point():
+        keep_rate = float(keep_rate)
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(keep_rate).__name__} ({keep_rate!r})")
+    keep_rate = float(keep_rate)
+    if not 0.0 < keep_rate <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must satisfy 0 < {name} <= 1, got {keep_rate}")
+    return keep_rate
+
+
+def kept_count(num_tokens: int, num_prefix_tokens: int, keep_rate: float) -> int:
+    """``K = ceil(keep_rate * (N - p))``, the number of attentive tokens kept (EViT, BAT).
+
+    Clipped to ``[1, N - p]``: a positive keep rate always keeps at least one token. The product is
+    rounded up with a tolerance of 1e-6, so that ``0.7 * 10`` keeps 7 tokens, not 8.
+    """
+    n = num_tokens - num_prefix_tokens
+    return max(1, min(n, math.ceil(keep_rate * n - _CEIL_TOL)))
+
+
+def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
+                   size: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1,
+                   normalize: bool = False) -> Merged:
+    """EViT inattentive token fusion (Liang et al., ICLR 2022), written to read like the paper.
+
+    1. Attentive tokens: the ``K = ceil(rho (N - p))`` non-prefix tokens with the largest class
+       attention (ties: lower index).
+    2. Inattentive tokens (the other ``N - p - K``) are fused into one token ``sum_i a_i x_i``
+       (``normalize=True``: ``sum_i a_i x_i / max(sum_i a_i, 1e-12)``); its size is ``sum_i s_i``.
+    3. Output: prefix tokens, attentive tokens in their original order, the fused token.
+
+    No validation (see :func:`evit_tokens`). Computes in float32 (float64 for float64 inputs, which
+    the gradient checks use). Differentiable with respect to ``x`` and ``scores`` (through the fusion
+    weights); the selection itself is not.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        scores: ``[B, N]`` class attention, softmax form (prefix columns ignored).
+        keep_rate: ``rho`` in ``(0, 1]``.
+        size: ``[B, N]`` token sizes; ones if None.
+        num_prefix_tokens: ``p``.
+        normalize: divide the fusion weights by their sum.
+
+    Returns:
+        :class:`~fastprune.Merged` ``(x [B, p + K + 1, C], size [B, p + K + 1], index [B, N])``, or the
+        input unchanged (size ones / as given, identity index) when ``K == N - p``.
+    """
+    B, N, C = x.shape
+    p = num_prefix_tokens
+    K = kept_count(N, p, keep_rate)
+    dtype = compute_dtype(x)
+    size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size
+    if K == N - p:
+        return Merged(x, size, torch.arange(N, device=x.device).expand(B, N))
+
+    keep = topk_keep_mask(scores.detach(), K, p)  # prefix + K attentive tokens
+    a = torch.where(keep, torch.zeros_like(scores), scores).to(dtype)  # inattentive weights, 0 elsewhere
+    if normalize:
+        a = a / a.sum(dim=1, keepdim=True).clamp_min(WEIGHT_EPS)
+    xf = x.to(dtype)
+    fused = (a[..., None] * xf).sum(dim=1, keepdim=True)  # [B, 1, C]
+    kept = xf[keep].view(B, p + K, C)  # boolean indexing keeps the original order
+    x_out = torch.cat([kept, fused], dim=1).to(x.dtype)
+
+    size_out = torch.cat([size[keep].view(B, p + K), (size * ~keep).sum(dim=1, keepdim=True)], dim=1)
+    index = torch.where(keep, output_slots(keep), torch.full_like(output_slots(keep), p + K))
+    return Merged(x_out, size_out, index)
+
+
+def evit_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: Optional[torch.Tensor] = None,
+                num_prefix_tokens: int = 1, normalize: bool = False, backend: str = "auto") -> Merged:
+    """Keep the attentive tokens and fuse the inattentive ones into one token (EViT).
+
+    Semantics from "Not All Patches are What You Need" (Liang et al., ICLR 2022): keep the
+    ``K = ceil(keep_rate * (N - p))`` non-prefix tokens with the largest class attention (ties: lower
+    index); fuse the other ``N - p - K`` tokens into one token ``sum_i a_i x_i`` weighted by their
+    class attention (the paper's form: weights are not renormalised; ``normalize=True`` gives the
+    weighted average ``sum_i a_i x_i / sum_i a_i``). Sizes: kept tokens keep theirs, the fused
+    token's size is the sum of the fused sizes. Output order **(choice)**: prefix tokens, attentive
+    tokens in their original order, the fused token last. Prefix tokens pass through untouched.
+
+    Args:
+        x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
+        attn: the class token's attention, softmax form: ``[B, N]``, ``[B, H, N]`` (averaged over
+            heads) or ``[B, H, N, N]`` (row 0, averaged over heads); on x's device. Prefix columns
+            are ignored. Gradients flow into it through the fusion weights.
+        keep_rate: ``rho``, a float with ``0 < keep_rate <= 1``. ``1.0`` (or any rate that keeps
+            every token) is a no-op; a small rate keeps at least one token (``K >= 1``).
+        size: ``[B, N]`` or ``[B, N, 1]`` token sizes (patches per token); ones if None.
+        num_prefix_tokens: ``p``, leading tokens never fused (class, distillation, registers),
+            ``0 <= p <= N - 1``.
+        normalize: fuse with weights ``a_i / sum_j a_j`` instead of ``a_i``.
+        backend: ``"auto"`` (the fused Triton kernel on CUDA, the PyTorch reference on CPU),
+            ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``.
+
+    Returns:
+        :class:`~fastprune.Merged` ``(x, size, index)``: tokens ``[B, p + K + 1, C]`` in x's dtype
+        (computed in float32), sizes ``[B, p + K + 1]`` float32, and ``index`` ``[B, N]`` int64, the
+        output position each input token went into (``p + K`` for every fused token). When no token
+        is fused the input is returned unchanged (the same tensor object) with an identity index.
+
+    Raises:
+        TypeError: ``x``/``attn``/``size`` not tensors or of an unsupported dtype, ``keep_rate`` not
+            a real number, ``num_prefix_tokens`` not an int, ``normalize`` not a bool.
+        ValueError: wrong ranks or shapes, tensors on different devices, ``keep_rate`` outside
+            ``(0, 1]``, ``num_prefix_tokens`` out of range, unknown ``backend``.
+    """
+    _checks.check_tokens(x)
+    B, N, _ = x.shape
+    p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
+    keep_rate = check_keep_rate(keep_rate)
+    scores = _checks.cls_scores(attn, x)
+    size = _checks.check_size(size, x)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    backend = _resolve_backend(backend, x)
+
+    K = kept_count(N, p, keep_rate)
+    if K == N - p:
+        size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size
+        return Merged(x, size, torch.arange(N, device=x.device).expand(B, N))
+    if backend == "triton":
+        from .kernels.evit import evit_triton
+
+        return evit_triton(x, scores, K, size=size, num_prefix_tokens=p, normalize=normalize)
+    return evit_reference(x, scores, keep_rate, size=size, num_prefix_tokens=p, normalize=normalize)
+
+
+def evit(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, **kwargs) -> torch.Tensor:
+    """EViT token fusion returning only the tokens ``[B, p + K + 1, C]``.
+
+    Same arguments, semantics and errors as :func:`evit_tokens`, which also returns the sizes and
+    the position map.
+    """
+    return evit_tokens(x, attn, keep_rate, **kwargs).x

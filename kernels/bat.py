@@ -1,0 +1,424 @@
+"""Fused BAT token reduction: matching and clustering kernels, launchers and the autograd Function.
+
+Semantics: "Beyond Attentive Tokens: Incorporating Token Importance and Diversity for Efficient Vision
+Transformers" (Long et al., CVPR 2023), as specified in METHODS.md and written out step by step in
+:mod:`fastprune.bat` (:func:`~fastprune.bat.bat_reference`), which this file reproduces: same
+decoupling, same bipartite soft matching, same DPC-kNN clustering, same tie-breaks, same index map,
+same merge arithmetic (float32).
+
+Forward = three launches, no host synchronisation, no sort:
+
+* :func:`_bat_match_kernel` (grid ``(B,)``): decoupling by class attention and bipartite soft matching
+  of the attentive tokens; writes the index map (input token -> output token) of the prefix and
+  attentive tokens;
+* :func:`_bat_cluster_kernel` (grid ``(B,)``, one program per image holding its inattentive set):
+  DPC-kNN clustering; writes the index map of the inattentive tokens;
+* the weighted merge by that index map with weights ``size x max(cls attention, eps)`` -- the same
+  operation as MSTM's merge, so it is ``kernels/merge.py``'s weighted-merge kernel (grid
+  ``(B, cdiv(S, BLOCK_S), cdiv(C, BLOCK_C))``), launched through its launcher.
+
+Backward = one launch, ``kernels/merge.py``'s weighted-merge backward: gradients w.r.t. ``x``, the class
+attention (through the weights) and ``size``. Matching and clustering are discrete: no gradient
+reaches ``metric``.
+
+Inside the first two kernels every per-token quantity is a register vector over the image's tokens
+(or its compacted inattentive set); pairwise quantities (cosine similarities, distances) are computed
+in row tiles of at most 4096 elements (fp32, one rank-1 update per metric channel: :func:`_gram`) and
+recomputed in each pass rather than stored, so nothing of size ``N x N`` lives in memory. Moving a
+per-row result into a vector (and reading one back) is a one-hot reduction over the tile
+(:func:`_put`, :func:`_take`). Top-k selections use the sort-free key threshold of
+``kernels/evit.py``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastprune.bat import BATCounts
+from fastprune.reference import COSINE_EPS, Merged
+
+from .aot import KernelSpec, register
+from .evit import kth_largest_key, order_keys
+from .merge import _merge_backward, _weighted_merge
+
+__all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _take(full, idx, cols):
+    """``full[idx]``: read a register vector (positions ``cols``) at the ``[BLOCK_R]`` positions ``idx``."""
+    return tl.sum(tl.where(idx[:, None] == cols[None, :], full[None, :], 0), axis=1)
+
+
+@triton.jit
+def _put(vals, rows, cols):
+    """A vector over ``cols`` holding ``vals`` at positions ``rows`` (distinct) and 0 elsewhere."""
+    return tl.sum(tl.where(rows[:, None] == cols[None, :], vals[:, None], 0), axis=0)
+
+
+@triton.jit
+def _gram(metric_row, stride_mn, stride_mc, row_ids, row_mask, col_ids, col_mask, CM,
+          BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """``<m_i, m_j>`` for tokens ``row_ids`` (``[BLOCK_R]``) against tokens ``col_ids`` (``[BLOCK_J]``), and
+    ``|m_i|^2`` of the rows; masked-out rows and columns read as zero vectors.
+
+    Accumulated in fp32 as ``Cm`` rank-1 updates (one metric channel at a time, loads L1/L2-resident):
+    exact fp32 like an IEEE ``tl.dot``, but a rolled loop that keeps compile time and registers low.
+    """
+    gram = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
+    sq_rows = tl.zeros([BLOCK_R], tl.float32)
+    for c in range(0, CM):
+        m_r = tl.load(metric_row + row_ids * stride_mn + c * stride_mc, mask=row_mask, other=0.0).to(tl.float32)
+        m_c = tl.load(metric_row + col_ids * stride_mn + c * stride_mc, mask=col_mask, other=0.0).to(tl.float32)
+        gram += m_r[:, None] * m_c[None, :]
+        sq_rows += m_r * m_r
+    return gram, sq_rows
+
+
+@triton.jit
+def _sq_norms(metric_row, stride_mn, stride_mc, ids, mask, CM, BLOCK_J: tl.constexpr):
+    """``|m_j|^2`` (fp32) of the tokens ``ids`` (``[BLOCK_J]``); 0 where ``mask`` is off."""
+    sq = tl.zeros([BLOCK_J], tl.float32)
+    for c in range(0, CM):
+        m_c = tl.load(metric_row + ids * stride_mn + c * stride_mc, mask=mask, other=0.0).to(tl.float32)
+        sq += m_c * m_c
+    return sq
+
+
+@triton.jit
+def _sq_dist(gram, sq_rows, sq_cols, rows, cols, CM):
+    """``D^2 = |m_i - m_j|^2 / Cm`` from a Gram tile, clamped at 0 and exactly 0 where ``rows == cols``."""
+    d2 = tl.maximum((sq_rows[:, None] + sq_cols[None, :] - 2.0 * gram) / CM, 0.0)
+    return tl.where(rows[:, None] == cols[None, :], 0.0, d2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch 1: decouple + attentive token matching -> index map of the prefix and attentive tokens
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _bat_match_kernel(
+        scores_ptr, stride_sb, stride_sn,
+        metric_ptr, stride_mb, stride_mn, stride_mc,
+        index_ptr,
+        N, CM, P, K, R,
+        BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr, BLOCK_R: tl.constexpr, COS_EPS: tl.constexpr):
+    """Decoupling and attentive token matching for one image; writes ``index`` of its prefix and
+    attentive tokens.
+
+    One program per image ``b`` (``N`` tokens, ``P`` prefix, ``K`` attentive, ``R`` pairs; counts
+    already clipped by the host). Per-token quantities are ``[BLOCK_N]`` register vectors
+    (``BLOCK_N >= N``, a power of two):
+
+    1. **decouple**: attentive = the ``K`` non-prefix tokens with the largest score (key threshold);
+    2. **matching** (if ``R > 0``): attentive tokens alternate between sets A and B by their rank in
+       the original order (a cumsum). Per ``[BLOCK_R, BLOCK_N]`` row tile, the cosine similarity of
+       the rows against the B tokens (fp32 Gram tile) and its first argmax; the ``R`` A
+       tokens with the best similarity are merged (key threshold);
+    3. survivors (prefix + unmerged attentive tokens) get slots ``0 .. P + K - R - 1`` (a cumsum); a
+       merged A token gets its partner's slot.
+
+    Memory traffic: the score row, the metric of all tokens once per row tile (L2-resident), ``N``
+    indices written (inattentive positions are left to :func:`_bat_cluster_kernel`).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    score_row = scores_ptr + pid_b * stride_sb
+    metric_row = metric_ptr + pid_b * stride_mb
+    index_row = index_ptr + pid_b * N
+    cols = tl.arange(0, BLOCK_N)
+    valid = cols < N
+    nonprefix = valid & (cols >= P)
+
+    # 1. decouple by class attention.
+    s = tl.load(score_row + cols * stride_sn, mask=valid, other=0.0).to(tl.float32)
+    keys = order_keys(s, cols, nonprefix, IDX_BITS)
+    attentive = keys >= kth_largest_key(keys, K, IDX_BITS)
+
+    # 2. bipartite soft matching of the attentive tokens (cosine similarity).
+    merged = cols < 0
+    partner = tl.zeros([BLOCK_N], tl.int32)
+    if R > 0:
+        q = tl.cumsum(attentive.to(tl.int32), axis=0) - 1  # position among the attentive tokens
+        set_a = attentive & ((q % 2) == 0)
+        set_b = attentive & ((q % 2) == 1)
+        norm = tl.maximum(tl.sqrt(_sq_norms(metric_row, stride_mn, stride_mc, cols, valid, CM, BLOCK_N)),
+                          COS_EPS)
+        best = tl.zeros([BLOCK_N], tl.float32)
+        for r0 in range(0, N, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            gram, sq_rows = _gram(metric_row, stride_mn, stride_mc, rows, rows < N, cols, valid, CM,
+                                  BLOCK_R, BLOCK_N)
+            cos = gram / (tl.maximum(tl.sqrt(sq_rows), COS_EPS)[:, None] * norm[None, :])
+            cos = tl.where(set_b[None, :], cos, float("-inf"))
+            best += _put(tl.max(cos, axis=1), rows, cols)
+            partner += _put(tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32), rows, cols)
+        keys_a = order_keys(best, cols, set_a, IDX_BITS)
+        merged = keys_a >= kth_largest_key(keys_a, R, IDX_BITS)
+
+    # 3. slots: survivors in token order; merged A tokens go to their partner's slot.
+    survivor = (valid & (cols < P)) | (attentive & (merged == 0))
+    slot = tl.cumsum(survivor.to(tl.int32), axis=0) - 1
+    tl.store(index_row + cols, slot.to(tl.int64), mask=survivor)
+    if R > 0:
+        for r0 in range(0, N, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            dest = _take(slot, _take(partner, rows, cols), cols)
+            tl.store(index_row + rows, dest.to(tl.int64), mask=_take(merged.to(tl.int32), rows, cols) != 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch 2: DPC-kNN clustering of the inattentive tokens -> index map of the inattentive tokens
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _bat_cluster_kernel(
+        scores_ptr, stride_sb, stride_sn,
+        metric_ptr, stride_mb, stride_mn, stride_mc,
+        index_ptr,
+        N, CM, P, K, NC, KNN, BASE,
+        BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+        BLOCK_R: tl.constexpr):
+    """DPC-kNN clustering of one image's inattentive tokens; writes their ``index`` (``BASE`` + cluster).
+
+    One program per image ``b`` holds the inattentive set: its ``n = N - P - K`` token ids, compacted
+    into a ``[BLOCK_I]`` vector (``BLOCK_I >= n``, a power of two) in token order, and every
+    per-token quantity of the clustering as a ``[BLOCK_I]`` register vector. Pairwise distances
+    ``D^2 = |m_i - m_j|^2 / Cm`` are computed per ``[BLOCK_R, BLOCK_I]`` row tile from an fp32 Gram
+    tile and recomputed in each pass rather than stored:
+
+    0. decouple (key threshold on the score row) and compact the inattentive ids, ``BLOCK_T`` tokens
+       at a time (cumsum + one-hot reduction);
+    a. log density: minus the mean of the ``KNN`` smallest ``D^2`` to the other tokens (``KNN`` rounds
+       of min + mask per row tile);
+    b. ``delta``: distance to the nearest denser token (density, then lower index), the row maximum
+       for the densest; score ``log rho + log delta``;
+    c. centres: the ``NC`` best scores (key threshold), numbered in token order (cumsum);
+    d. every token joins its nearest centre (first minimum; a centre joins itself):
+       ``index = BASE + centre number``.
+
+    Memory traffic: the score row, and the metric of the ``n`` inattentive tokens once per row tile
+    and pass (L2-resident); ``n`` indices written. Compute ``O(n^2 Cm)`` per pass.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    score_row = scores_ptr + pid_b * stride_sb
+    metric_row = metric_ptr + pid_b * stride_mb
+    cols = tl.arange(0, BLOCK_N)
+
+    # 0. decouple, then compact the inattentive token ids: ids[j] = the j-th inattentive token.
+    s = tl.load(score_row + cols * stride_sn, mask=cols < N, other=0.0).to(tl.float32)
+    thresh = kth_largest_key(order_keys(s, cols, (cols < N) & (cols >= P), IDX_BITS), K, IDX_BITS)
+    jj = tl.arange(0, BLOCK_I)
+    n = N - P - K
+    member = jj < n
+    ids = tl.zeros([BLOCK_I], tl.int32)
+    seen = tl.sum(ids, axis=0)
+    for t0 in range(0, N, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        inside = (offs < N) & (offs >= P)
+        st = tl.load(score_row + offs * stride_sn, mask=offs < N, other=0.0).to(tl.float32)
+        inattentive = inside & (order_keys(st, offs, inside, IDX_BITS) < thresh)
+        pos = seen + tl.cumsum(inattentive.to(tl.int32), axis=0) - 1
+        seen += tl.sum(inattentive.to(tl.int32), axis=0)
+        ids += tl.sum(tl.where(inattentive[:, None] & (pos[:, None] == jj[None, :]), offs[:, None], 0), axis=0)
+    sq = _sq_norms(metric_row, stride_mn, stride_mc, ids, member, CM, BLOCK_I)
+
+    # a. log density.
+    log_density = tl.zeros([BLOCK_I], tl.float32)
+    for r0 in range(0, n, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        gram, sq_rows = _gram(metric_row, stride_mn, stride_mc, _take(ids, rows, jj), rows < n, ids, member, CM,
+                              BLOCK_R, BLOCK_I)
+        d2 = _sq_dist(gram, sq_rows, sq, rows, jj, CM)
+        d2 = tl.where(member[None, :] & (jj[None, :] != rows[:, None]), d2, float("inf"))
+        knn_sum = tl.zeros([BLOCK_R], tl.float32)
+        for _ in range(KNN):
+            knn_sum += tl.min(d2, axis=1)
+            nearest = tl.argmin(d2, axis=1, tie_break_left=True)
+            d2 = tl.where(jj[None, :] == nearest[:, None], float("inf"), d2)
+        log_density += _put(-(knn_sum / tl.maximum(KNN, 1)), rows, jj)
+
+    # b. delta and the score log(rho * delta).
+    score = tl.zeros([BLOCK_I], tl.float32)
+    for r0 in range(0, n, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        gram, sq_rows = _gram(metric_row, stride_mn, stride_mc, _take(ids, rows, jj), rows < n, ids, member, CM,
+                              BLOCK_R, BLOCK_I)
+        dist = tl.sqrt(_sq_dist(gram, sq_rows, sq, rows, jj, CM))
+        ld_rows = _take(log_density, rows, jj)
+        denser = member[None, :] & ((log_density[None, :] > ld_rows[:, None])
+                                    | ((log_density[None, :] == ld_rows[:, None]) & (jj[None, :] < rows[:, None])))
+        delta = tl.min(tl.where(denser, dist, float("inf")), axis=1)
+        farthest = tl.max(tl.where(member[None, :] & (jj[None, :] != rows[:, None]), dist, 0.0), axis=1)
+        delta = tl.where(delta < float("inf"), delta, farthest)
+        score += _put(ld_rows + tl.log(delta), rows, jj)
+
+    # c. centres: the NC best scores, numbered in token order.
+    keys_c = order_keys(score, jj, member, IDX_BITS)
+    centre = keys_c >= kth_largest_key(keys_c, NC, IDX_BITS)
+    centre_slot = tl.cumsum(centre.to(tl.int32), axis=0) - 1
+
+    # d. assignment to the nearest centre.
+    for r0 in range(0, n, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ids = _take(ids, rows, jj)
+        gram, sq_rows = _gram(metric_row, stride_mn, stride_mc, row_ids, rows < n, ids, member, CM,
+                              BLOCK_R, BLOCK_I)
+        d2 = tl.where(centre[None, :], _sq_dist(gram, sq_rows, sq, rows, jj, CM), float("inf"))
+        nearest = tl.argmin(d2, axis=1, tie_break_left=True).to(tl.int32)
+        nearest = tl.where(_take(centre.to(tl.int32), rows, jj) != 0, rows, nearest)
+        tl.store(index_ptr + pid_b * N + row_ids, (BASE + _take(centre_slot, nearest, jj)).to(tl.int64),
+                 mask=rows < n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration (shared with the ahead-of-time compile specs below)
+# ----------------------------------------------------------------------------------------------------
+def _match_config(N: int) -> tuple[dict, int]:
+    """Constants and num_warps of the matching kernel: ``[BLOCK_R, BLOCK_N]`` tiles of <= 4096 elements."""
+    block_n = max(16, triton.next_power_of_2(N))
+    consts = dict(BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1, BLOCK_R=max(16, min(32, 4096 // block_n)),
+                  COS_EPS=COSINE_EPS)
+    return consts, 4 if block_n <= 256 else 8
+
+
+def _cluster_config(N: int, n_inattentive: int) -> tuple[dict, int]:
+    """Constants and num_warps of the clustering kernel: ``[BLOCK_R, BLOCK_I]`` tiles of <= 4096 elements."""
+    block_n = max(16, triton.next_power_of_2(N))
+    block_i = max(16, triton.next_power_of_2(n_inattentive))
+    consts = dict(BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1, BLOCK_T=max(16, min(64, 4096 // block_i)),
+                  BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i)))
+    return consts, 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers and autograd Function
+# ----------------------------------------------------------------------------------------------------
+def bat_index_triton(scores: torch.Tensor, metric: torch.Tensor, counts: BATCounts,
+                     num_prefix_tokens: int) -> torch.Tensor:
+    """Launches 1 and 2: the ``[B, N]`` int64 index map from float32 scores ``[B, N]`` and metric ``[B, N, Cm]``."""
+    B, N, CM = metric.shape
+    p = num_prefix_tokens
+    index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
+    consts, num_warps = _match_config(N)
+    _bat_match_kernel[(B,)](
+        scores, scores.stride(0), scores.stride(1),
+        metric, metric.stride(0), metric.stride(1), metric.stride(2),
+        index, N, CM, p, counts.K, counts.r, **consts, num_warps=num_warps)
+    if counts.c > 0:
+        consts, num_warps = _cluster_config(N, N - p - counts.K)
+        _bat_cluster_kernel[(B,)](
+            scores, scores.stride(0), scores.stride(1),
+            metric, metric.stride(0), metric.stride(1), metric.stride(2),
+            index, N, CM, p, counts.K, counts.c, counts.k, counts.output_tokens(p) - counts.c,
+            **consts, num_warps=num_warps)
+    return index
+
+
+class BATMergeFunction(torch.autograd.Function):
+    """Weighted merge ``(x, scores, size, index) -> (tokens, sizes)`` with weights ``size x max(a, eps)``.
+
+    Forward and backward are ``kernels/merge.py``'s fused weighted-merge kernels. Gradients reach
+    ``x``, ``scores`` and ``size``; ``index`` is given (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scores, size, index, n_out):
+        N = x.shape[1]
+        out, size_out, wsum = _weighted_merge(x, scores, size, index, N - n_out, True)
+        if size is None:
+            ctx.mark_non_differentiable(size_out)
+        ctx.save_for_backward(x, scores, size, index, out, wsum)
+        return out, size_out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_size_out):
+        x, scores, size, index, out, wsum = ctx.saved_tensors
+        need_gx, need_gscores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_gsize = size is not None and ctx.needs_input_grad[2]
+        if not (need_gx or need_gscores or need_gsize):
+            return None, None, None, None, None
+        if grad_size_out is None:
+            grad_size_out = torch.zeros(out.shape[:2], dtype=torch.float32, device=out.device)
+        grad_x, grad_scores, grad_size = _merge_backward(
+            grad_out, grad_size_out, x, out, index, wsum, scores, size, True, need_gx, need_gscores, need_gsize)
+        return grad_x, grad_scores, grad_size, None, None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def bat_triton(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts, size: Optional[torch.Tensor] = None,
+               metric: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1) -> Merged:
+    """BAT token reduction (Long et al., CVPR 2023) with fused Triton kernels: two launches forward, one backward.
+
+    Same semantics as :func:`fastprune.bat.bat_reference` (the specification), with the clipped
+    counts given directly (:func:`fastprune.bat.bat_plan`). Arguments are expected validated by
+    :func:`fastprune.bat.bat_tokens` (the front door).
+
+    Args:
+        x: ``[B, N, C]`` tokens, float32 / float16 / bfloat16, any strides; CUDA (or CPU under
+            ``TRITON_INTERPRET=1``).
+        scores: ``[B, N]`` class attention (softmax form; prefix columns ignored), read in float32.
+        counts: ``(K, r, c, k)``: attentive tokens, matched pairs, clusters, neighbours, with
+            ``1 <= K <= N - p``, ``0 <= r <= K // 2``, ``0 <= c <= N - p - K``, ``0 <= k < N - p - K``.
+        size: ``[B, N]`` token sizes, or None for ones.
+        metric: ``[B, N, Cm]`` features for matching and clustering; ``x`` if None. No gradient.
+        num_prefix_tokens: ``p``.
+
+    Returns:
+        :class:`~fastprune.Merged` ``(x [B, S, C] in x's dtype, size [B, S] float32, index [B, N] int64)``
+        with ``S = p + K - r + c``. Tokens that absorb nothing are bit-identical to the input.
+
+    Raises:
+        ValueError: counts out of range; tensors not on CUDA while the Triton interpreter is off.
+    """
+    B, N, _ = x.shape
+    p = num_prefix_tokens
+    K, r, c, k = counts
+    n_in = N - p - K
+    if not (1 <= K <= N - p and 0 <= r <= K // 2 and 0 <= c <= n_in and 0 <= k <= max(n_in - 1, 0)):
+        raise ValueError(f"BAT counts out of range for N={N}, p={p}: {counts}")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(f"x is on {x.device}: the Triton backend needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    metric = x if metric is None else metric
+    scores = scores.float()
+    size = None if size is None else size.float()
+    index = bat_index_triton(scores.detach(), metric.detach(), counts, p)
+    out, size_out = BATMergeFunction.apply(x, scores, size, index, counts.output_tokens(p))
+    return Merged(out, size_out, index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (see kernels/aot.py): ViT shapes, every metric dtype
+# ----------------------------------------------------------------------------------------------------
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _aot_specs() -> list[KernelSpec]:
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tag = str(dtype).replace("torch.", "")
+        args = dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+                    metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
+                    index_ptr="*i64", N="i32", CM="i32", P="i32", K="i32")
+        for N in (197, 577):  # ViT/16 at 224 and 384 px, with the class token
+            consts, warps = _match_config(N)
+            specs.append(KernelSpec(f"bat_match[{tag},N={N}]", _bat_match_kernel, dict(args, R="i32"),
+                                    consts, warps))
+        # inattentive set sizes: keep rate 0.7 at the first reduction layer (58 of 196, 173 of 576)
+        # and keep rate 0.3 at 224 px (137 of 196).
+        for N, n_inattentive in ((197, 58), (197, 137), (577, 173)):
+            consts, warps = _cluster_config(N, n_inattentive)
+            specs.append(KernelSpec(f"bat_cluster[{tag},N={N},n={n_inattentive}]", _bat_cluster_kernel,
+                                    dict(args, NC="i32", KNN="i32", BASE="i32"), consts, warps))
+    return specs
+
+
+register(_aot_specs)

@@ -1,0 +1,277 @@
+"""fastprune.patch: the timm drop-in on small random-init ViTs (CPU, fast).
+
+The test model has LayerScale, q/k norm and 4 register tokens (5 prefix tokens) and 16 patches, so
+21 tokens enter the first block.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+import fastprune.patch as fpatch
+
+IMG, PATCH, DEPTH, PREFIX = 32, 8, 3, 5
+N0 = (IMG // PATCH) ** 2 + PREFIX  # 21
+
+
+def make_vit(global_pool="token", fused=True, **kwargs) -> VisionTransformer:
+    args = dict(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=DEPTH, num_heads=2, num_classes=7,
+                init_values=0.5, qk_norm=True, reg_tokens=4, global_pool=global_pool)
+    args.update(kwargs)
+    model = VisionTransformer(**args).eval()
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    return model
+
+
+@pytest.fixture
+def images():
+    return torch.randn(2, 3, IMG, IMG)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_r0_matches_the_original_model(images, global_pool, fused):
+    model = make_vit(global_pool, fused, scale_attn_norm=True)
+    model.blocks[1].attn.gate = nn.Linear(32, 32)  # timm's gated attention, on one block
+    with torch.no_grad():
+        expected = model(images)
+        fpatch.timm(model, r=0)
+        got = model(images)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert fpatch.state(model).num_tokens == [N0] * DEPTH
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_explicit_path_matches_fused_path_with_merging(images, global_pool):
+    # With r > 0 the sizes differ from one, so this checks proportional attention, the class
+    # attention and the size-weighted pooling on both attention paths.
+    fused, explicit = make_vit(global_pool, True), make_vit(global_pool, False)
+    explicit.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        for model in (fused, explicit):
+            fpatch.timm(model, r=4)
+        a, b = fused(images), explicit(images)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fpatch.state(fused).index, fpatch.state(explicit).index)
+
+
+@pytest.mark.parametrize("r,counts", [
+    (4, [21, 17, 13]),
+    ([0, 3, 6], [21, 21, 18]),
+    (0.5, [21, 13, 9]),      # keep ceil(0.5 * 16) = 8 of 16, then 4 of 8
+    (0.7, [21, 17, 14]),     # keep ceil(0.7 * 16) = 12, ceil(0.7 * 12) = 9 (not 10: float error)
+    (100, [21, 6, 6]),       # clipped: one non-prefix token stays
+    (1.0, [21, 21, 21]),
+])
+def test_token_counts_follow_the_schedule(images, r, counts):
+    model = fpatch.timm(make_vit(), r=r)
+    with torch.no_grad():
+        model(images)
+    st = fpatch.state(model)
+    assert st.num_tokens == counts
+    removed = [a - b for a, b in zip(counts, counts[1:])]
+    expected_r = fpatch.reduction_schedule(model, num_tokens=N0)
+    assert expected_r[:-1] == removed and st.r_applied == expected_r
+    assert st.size.shape == (2, counts[-1] - expected_r[-1])
+    assert fpatch.reduction_schedule(model, r) == expected_r  # default token count = 21
+
+
+def test_index_map_is_consistent(images):
+    model = fpatch.timm(make_vit(), r=5)
+    with torch.no_grad():
+        model(images)
+    st = fpatch.state(model)
+    index, size = st.index, st.size
+    n_final = N0 - sum(st.r_applied)
+    assert index.shape == (2, N0) and index.dtype == torch.int64
+    assert index.min() >= 0 and index.max() < n_final
+    assert torch.equal(index[:, :PREFIX], torch.arange(PREFIX).expand(2, PREFIX))
+    for b in range(2):  # every input position lands in one final token; sizes count them
+        counts = torch.bincount(index[b], minlength=n_final).float()
+        torch.testing.assert_close(counts, size[b])
+    # per-block maps compose: the map after block 1 gathered through block 2's own step
+    assert st.index_at(0).shape == (2, N0) and torch.equal(st.index_at(DEPTH), index)
+
+
+def test_fused_attention_stays_on(images, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    model = make_vit()
+    for impl, masked in (("column", False), ("mask", True)):
+        fpatch.timm(model, r=4, prop_attn_impl=impl)
+        calls.clear()
+        with torch.no_grad():
+            model(images)
+        assert len(calls) == DEPTH
+        # block 0 sees sizes of one: no bias at all; later blocks carry log(size) as configured
+        assert calls[0] is None
+        assert all((m is not None) == masked for m in calls[1:])
+
+
+def test_revert_restores_the_original_bit_for_bit(images):
+    model = make_vit("avg")
+    with torch.no_grad():
+        before = model(images)
+        fpatch.timm(model, r=4)
+        fpatch.timm(model, r=0.5, metric="x")  # re-configure, not stack
+        assert type(model.blocks[0]).__mro__.count(fpatch._PatchedBlock) == 1
+        assert fpatch.state(model).r == 0.5 and fpatch.state(model).options["metric"] == "x"
+        patched = model(images)
+        fpatch.revert(model)
+        after = model(images)
+    assert not torch.equal(before, patched)
+    assert torch.equal(before, after)
+    assert type(model) is VisionTransformer and all(type(b) is timm.models.vision_transformer.Block
+                                                     for b in model.blocks)
+    assert not hasattr(model, "_fastprune") and not hasattr(model.blocks[0], "_fastprune")
+    assert not fpatch.is_patched(model)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(metric="x", weight="size_attn", prop_attn=False)])
+def test_forward_and_backward_with_merging(images, options):
+    model = fpatch.timm(make_vit("avg", drop_path_rate=0.1).train(), r=4, **options)
+    model(images).logsumexp(dim=1).sum().backward()
+    assert fpatch.state(model).num_tokens == [21, 17, 13]
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    for blk in model.blocks:
+        assert blk.attn.qkv.weight.grad.abs().sum() > 0
+        assert blk.mlp.fc2.weight.grad.abs().sum() > 0
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_matches(images):
+    model = fpatch.timm(make_vit().train(), r=4)
+    ref = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    outs, grads = [], []
+    for m in (ref, model):
+        out = m(images)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(m.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert fpatch.state(model).num_tokens == [21, 17, 13]
+
+
+def test_size_weighted_average_pooling(images):
+    model = fpatch.timm(make_vit("avg"), r=6)
+    with torch.no_grad():
+        feats = model.forward_features(images)
+        size = fpatch.state(model).size
+        tokens, w = feats[:, PREFIX:], size[:, PREFIX:]
+        expected = (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        torch.testing.assert_close(model.pool(feats), expected)
+        assert (w > 1).any()  # merged tokens weigh more
+        torch.testing.assert_close(model.pool(feats, "avgmax"), 0.5 * (tokens.amax(1) + expected))
+        torch.testing.assert_close(model.pool(feats, "token"), feats[:, 0])
+
+
+def test_distillation_token_and_half_precision(images):
+    model = timm.models.deit.VisionTransformerDistilled(
+        img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+    fpatch.timm(model, r=3)
+    with torch.no_grad():
+        out = model(images)
+        assert out.shape == (2, 5) and fpatch.state(model).num_tokens == [18, 15]
+        assert torch.equal(fpatch.state(model).index[:, :2], torch.arange(2).expand(2, 2))
+        half = model.to(torch.bfloat16)(images.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+
+
+def test_register_a_method_with_a_reducer_and_with_a_block_forward(images):
+    seen = []
+
+    def drop_least_attended(x, ctx):  # EViT-style pruning without the fused token
+        seen.append((ctx.block_index, ctx.r, ctx.cls_attn.shape, ctx.keys, ctx.num_prefix_tokens))
+        p, keep = ctx.num_prefix_tokens, x.shape[1] - ctx.num_prefix_tokens - ctx.r
+        order = ctx.cls_attn[:, p:].argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values + p
+        rows = torch.cat([torch.arange(p).expand(x.shape[0], p), order], dim=1)
+        index = torch.full(x.shape[:2], -1, dtype=torch.long)
+        index.scatter_(1, rows, torch.arange(rows.shape[1]).expand_as(rows))
+        index = torch.where(index < 0, torch.zeros_like(index), index)  # dropped -> class token slot
+        return x.gather(1, rows[..., None].expand(-1, -1, x.shape[2])), ctx.size.gather(1, rows), index
+
+    def skip_mlp(block, x, ctx):  # a whole block forward: attention only
+        out = fpatch.attention_forward(block.attn, block.norm1(x), size=ctx.attn_size)
+        return x + block.ls1(out.x), None, None
+
+    try:
+        fpatch.register_method("test_prune", drop_least_attended, needs={"cls_attn"})
+        fpatch.register_method("test_skip", block_forward=skip_mlp)
+        with pytest.raises(ValueError, match="already registered"):
+            fpatch.register_method("test_skip", block_forward=skip_mlp)
+        model = fpatch.timm(make_vit(), method="test_prune", r=[2, 0, 3])
+        with torch.no_grad():
+            model(images)
+        assert fpatch.state(model).num_tokens == [21, 19, 19]
+        assert [s[:2] for s in seen] == [(0, 2), (2, 3)] and seen[0][2] == (2, 21) and seen[0][3] is None
+        fpatch.timm(model, method="test_skip", r=0)
+        with torch.no_grad():
+            model(images)
+        assert fpatch.state(model).num_tokens == [21] * DEPTH
+        assert "test_prune" in fpatch.available_methods()
+    finally:
+        fpatch._METHODS.pop("test_prune", None)
+        fpatch._METHODS.pop("test_skip", None)
+
+
+def test_bad_arguments_raise(images):
+    model = make_vit()
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        fpatch.timm(nn.Linear(3, 3), r=1)
+    with pytest.raises(ValueError, match="map"):
+        fpatch.timm(make_vit("map", depth=1), r=1)
+    with pytest.raises(ValueError, match="class token"):
+        fpatch.timm(make_vit("avg", class_token=False), r=1)
+    with pytest.raises(ValueError, match="unknown method"):
+        fpatch.timm(model, method="tome!", r=1)
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        fpatch.timm(model, r=-1)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="keep rate"):
+            fpatch.timm(model, r=bad)
+    with pytest.raises(TypeError, match="bool"):
+        fpatch.timm(model, r=True)
+    with pytest.raises(TypeError, match="r must be"):
+        fpatch.timm(model, r="4")
+    with pytest.raises(ValueError, match="depth=3"):
+        fpatch.timm(model, r=[1, 2])
+    with pytest.raises(ValueError, match=r"r\[1\]"):
+        fpatch.timm(model, r=[1, -2, 0])
+    with pytest.raises(TypeError, match=r"r\[2\]"):
+        fpatch.timm(model, r=[1, 2, 0.5])
+    with pytest.raises(TypeError, match="unexpected option"):
+        fpatch.timm(model, r=1, merics="x")
+    with pytest.raises(ValueError, match="metric"):
+        fpatch.timm(model, r=1, metric="q")
+    with pytest.raises(ValueError, match="weight"):
+        fpatch.timm(model, r=1, weight="attn")
+    with pytest.raises(TypeError, match="prop_attn"):
+        fpatch.timm(model, r=1, prop_attn="yes")
+    with pytest.raises(ValueError, match="prop_attn_impl"):
+        fpatch.timm(model, r=1, prop_attn_impl="flash")
+    assert not fpatch.is_patched(model)  # nothing half-patched by the failures above
+    with pytest.raises(ValueError, match="not patched"):
+        fpatch.revert(model)
+    with pytest.raises(ValueError, match="r is required"):
+        fpatch.reduction_schedule(model)
+    fpatch.timm(model, r=2)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        model(images, attn_mask=torch.ones(1, 1, N0, N0, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_tokens"):
+        fpatch.reduction_schedule(model, num_tokens=3)
+    with pytest.raises(ValueError, match="needs"):
+        fpatch.register_method("test_bad", lambda x, ctx: x, needs={"queries"})
