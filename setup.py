@@ -67,6 +67,7 @@ def _nvcc_version(cuda_home):
 def _extensions():
     """(ext_modules, cmdclass) for the compiled parts that this environment can build."""
     build_ext = _env_flag("FASTPRUNE_BUILD_EXT")
+    build_cuda = _env_flag("FASTPRUNE_BUILD_CUDA")
     if build_ext is False:
         _say("FASTPRUNE_BUILD_EXT=0: installing the pure-Python package without compiled code.")
         return [], {}
@@ -97,7 +98,6 @@ def _extensions():
         )
     ]
 
-    build_cuda = _env_flag("FASTPRUNE_BUILD_CUDA")
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = _nvcc_version(cuda_home)
     if build_cuda is False:

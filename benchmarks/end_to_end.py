@@ -145,18 +145,21 @@ class CompileTimeout(TimeoutError):
 @contextlib.contextmanager
 def time_limit(seconds: Optional[float]):
     """Raise :class:`CompileTimeout` in the main thread after ``seconds`` (SIGALRM; no-op if None/0
-    or where SIGALRM does not exist)."""
+    or where SIGALRM does not exist). Yields a dict whose ``"fired"`` turns True when the alarm went
+    off, since a library may catch the exception and raise its own."""
+    state = {"fired": False}
     if not seconds or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
 
     def on_alarm(signum, frame):
+        state["fired"] = True
         raise CompileTimeout(f"torch.compile and first calls did not finish within {seconds:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield state
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -186,14 +189,14 @@ def run_model(name: str, variants: list, device: torch.device, dtype: torch.dtyp
         row0.update(gflops_per_image=gflops, gmacs_per_image=gflops / 2, fused_attn=fused_attn_state(model),
                     image_size=image_size)
         for compiled in ([False, True] if compile_it else [False]):
-            row, runner = dict(row0, compiled=compiled), None
+            row, runner, alarm = dict(row0, compiled=compiled), None, {"fired": False}
             try:
                 if compiled:
                     torch._dynamo.reset()
                     runner = torch.compile(model, dynamic=False)
                 else:
                     runner = model
-                with time_limit(compile_timeout if compiled else None):
+                with time_limit(compile_timeout if compiled else None) as alarm:
                     lat, thr, first = _measure(runner, device, dtype, batch, rep_ms, warmup_ms, image_size)
                 row.update(latency_ms=lat.median_ms, latency_p20_ms=lat.p20_ms, latency_p80_ms=lat.p80_ms,
                            throughput_ms=thr.median_ms, throughput_p20_ms=thr.p20_ms, throughput_p80_ms=thr.p80_ms,
@@ -202,7 +205,10 @@ def run_model(name: str, variants: list, device: torch.device, dtype: torch.dtyp
                       f"{row['images_per_s']:.1f} img/s @{batch}, {lat.median_ms:.2f} ms @1, "
                       f"{gflops:.2f} GFLOPs/img", flush=True)
             except Exception as exc:
-                row.update(status="error", note=harness.first_line(exc, 300))
+                note = harness.first_line(exc, 300)
+                if alarm["fired"] and not isinstance(exc, CompileTimeout):
+                    note = f"timed out after {compile_timeout:.0f} s ({note})"
+                row.update(status="error", note=note)
                 print(f"  {name} / {row['variant']}{' +compile' if compiled else ''}: error: {row['note']}",
                       flush=True)
             rows.append(row)

@@ -165,8 +165,10 @@ def test_time_limit_interrupts_a_slow_call():
     import time
 
     with pytest.raises(end_to_end.CompileTimeout):
-        with end_to_end.time_limit(0.05):
+        with end_to_end.time_limit(0.05) as alarm:
             time.sleep(2)
-    with end_to_end.time_limit(5):  # finishes in time: no exception, alarm cleared
+    assert alarm["fired"]
+    with end_to_end.time_limit(5) as alarm:  # finishes in time: no exception, alarm cleared
         pass
     time.sleep(0.01)
+    assert not alarm["fired"]

@@ -30,11 +30,16 @@ _fastprune_cuda_toolchain() {
     "$py" -m pip install --quiet "nvidia-cuda-nvcc==${version}.*" "nvidia-cuda-crt==${version}.*" \
         "nvidia-nvvm==${version}.*" || {
         echo "setup_cuda_toolchain: pip could not install the CUDA ${version} compiler" >&2; return 1; }
-    local site home
-    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    home="$site/nvidia/cu$major"
-    if [ ! -x "$home/bin/nvcc" ]; then
-        echo "setup_cuda_toolchain: expected nvcc at $home/bin/nvcc (CUDA $version wheels)" >&2
+    local home
+    home="$("$py" -c "
+import os, nvidia
+for path in nvidia.__path__:
+    if os.access(os.path.join(path, 'cu$major', 'bin', 'nvcc'), os.X_OK):
+        print(os.path.join(path, 'cu$major'))
+        break
+")"
+    if [ -z "$home" ]; then
+        echo "setup_cuda_toolchain: no nvidia/cu$major/bin/nvcc found after installing the CUDA $version wheels" >&2
         return 1
     fi
     if [ ! -e "$home/lib/libcudart.so" ]; then

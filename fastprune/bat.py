@@ -328,3 +328,78 @@ def bat(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, **kwargs) -> torc
     position map.
     """
     return bat_tokens(x, attn, keep_rate, **kwargs).x
+
+
+# ----------------------------------------------------------------------------------------------------
+# timm patch: method="bat"
+# ----------------------------------------------------------------------------------------------------
+PATCH_METRICS = ("keys", "x")
+#: Options of the ``"bat"`` patch method and their defaults (the paper's reduction layers).
+PATCH_DEFAULTS = {"layers": DEFAULT_LAYERS, "num_clusters": DEFAULT_NUM_CLUSTERS, "num_pairs": None,
+                  "k": DEFAULT_KNN, "metric": "keys", "backend": "auto"}
+
+
+def _bat_output_tokens(N: int, p: int, keep_rate: float, options) -> int:
+    return bat_plan(N, p, keep_rate, options["num_clusters"], options["num_pairs"], options["k"]).output_tokens(p)
+
+
+def _bat_reducer(x: torch.Tensor, ctx) -> tuple:
+    """BAT in a timm block (after the attention residual): decouple by this block's class attention,
+    match attentive tokens and cluster inattentive ones on the head-mean keys; see :func:`bat_tokens`."""
+    options = ctx.options
+    metric = ctx.keys if options["metric"] == "keys" else x
+    out = bat_tokens(x, ctx.cls_attn, ctx.state.r, size=ctx.size, metric=metric,
+                     num_prefix_tokens=ctx.num_prefix_tokens, num_clusters=options["num_clusters"],
+                     num_pairs=options["num_pairs"], k=options["k"], backend=options["backend"])
+    return out.x, out.size, out.index
+
+
+def _bat_block_forward(block, x: torch.Tensor, ctx) -> tuple:
+    from .evit import reduction_block_forward
+
+    return reduction_block_forward(block, x, ctx, _bat_output_tokens)
+
+
+def _bat_validate(options) -> None:
+    from .evit import _validate_common
+
+    _validate_common(options)
+    if options["metric"] not in PATCH_METRICS:
+        raise ValueError(f"metric must be one of {PATCH_METRICS}, got {options['metric']!r}")
+    _checks.check_int(options["num_clusters"], "num_clusters", 1, 2 ** 31 - 1)
+    _checks.check_int(options["k"], "k", 1, 2 ** 31 - 1)
+    if options["num_pairs"] is not None:
+        _checks.check_int(options["num_pairs"], "num_pairs", 0, 2 ** 31 - 1)
+
+
+def _bat_needs(options) -> frozenset:
+    return frozenset({"cls_attn", "keys"}) if options["metric"] == "keys" else frozenset({"cls_attn"})
+
+
+def register_with_patch() -> None:
+    """Register ``method="bat"`` with :func:`fastprune.patch.timm` (done when this module is imported).
+
+    ``fastprune.patch.timm(model, method="bat", r=0.7)``: BAT (Long et al., CVPR 2023) with the paper's
+    schedule -- at blocks 3, 6 and 9 (0-based; 4, 7, 10 in the paper), after the attention residual,
+    decouple the tokens by class attention with keep rate ``r`` (a float in ``(0, 1]``; 0.7,
+    :data:`DEFAULT_KEEP_RATE`, is the paper's DeiT-S setting trained from scratch), match attentive
+    tokens and cluster inattentive ones (:func:`bat_tokens`). ``r = 0``: no reduction. With the
+    default ``num_pairs`` the blocks see EViT's token counts (197, 140, 100, 72 at ``r = 0.7`` and
+    224 px). Options:
+
+    * ``layers=(3, 6, 9)``: the reducing blocks (a tuple of 0-based indices, or ``"3,6,9"``);
+    * ``num_clusters=5``, ``num_pairs=None`` (``num_clusters - 1``), ``k=5``: see :func:`bat_tokens`;
+    * ``metric="keys"`` (head-mean of this block's keys, as for ToMe's matching) or ``"x"``;
+    * ``backend="auto"`` (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``;
+    * the common ``prop_attn`` (on by default: merged tokens' sizes enter the attention as
+      ``log size``) and ``prop_attn_impl``.
+    """
+    from . import patch
+    from .evit import _patch_schedule_for
+
+    if "bat" not in patch.available_methods():
+        patch.register_method("bat", _bat_reducer, block_forward=_bat_block_forward, needs=_bat_needs,
+                              defaults=PATCH_DEFAULTS, validate=_bat_validate, schedule=_patch_schedule_for("bat"))
+
+
+register_with_patch()

@@ -22,6 +22,7 @@ Choices (``METHODS.md`` leaves them open):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Optional
@@ -180,3 +181,146 @@ def evit(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, **kwargs) -> tor
     the position map.
     """
     return evit_tokens(x, attn, keep_rate, **kwargs).x
+
+
+# ----------------------------------------------------------------------------------------------------
+# timm patch: method="evit" (shared with method="bat")
+# ----------------------------------------------------------------------------------------------------
+BACKENDS = ("auto", "triton", "reference")
+#: Options of the ``"evit"`` patch method and their defaults (the paper's reduction layers).
+PATCH_DEFAULTS = {"layers": DEFAULT_LAYERS, "normalize": False, "backend": "auto"}
+
+
+def parse_layers(layers, depth: Optional[int] = None) -> tuple:
+    """The ``layers`` option: block indices (0-based) that reduce, as a sorted tuple of distinct ints.
+
+    Accepts an iterable of ints or a comma-separated string (``"3,6,9"``, as the evaluation CLI passes
+    it). With ``depth``, every index must be ``< depth``.
+
+    Raises:
+        TypeError: not ints. ValueError: negative, repeated or ``>= depth`` indices.
+    """
+    if isinstance(layers, str):
+        try:
+            layers = [int(part) for part in layers.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"layers must be block indices like '3,6,9', got {layers!r}") from None
+    if isinstance(layers, bool) or isinstance(layers, numbers.Integral):
+        layers = [layers]
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise TypeError(f"layers must be a sequence of block indices, got {type(layers).__name__}") from None
+    for value in layers:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"layers must hold ints (0-based block indices), got {value!r}")
+        if value < 0 or (depth is not None and value >= depth):
+            raise ValueError(f"layers must be block indices in [0, {depth}), got {value}" if depth is not None
+                             else f"layers must be >= 0, got {value}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers must not repeat a block, got {layers}")
+    return tuple(sorted(int(v) for v in layers))
+
+
+def patch_keep_rate(r, method: str) -> Optional[float]:
+    """The ``r`` given to :func:`fastprune.patch.timm` for EViT / BAT: a float keep rate, or ``0``.
+
+    Returns the keep rate, or None for ``r == 0`` (no reduction, the patch's default).
+
+    Raises:
+        TypeError: an int other than 0, or a per-block list.
+    """
+    if isinstance(r, float):
+        return check_keep_rate(r, "r")
+    if isinstance(r, numbers.Integral) and not isinstance(r, bool) and r == 0:
+        return None
+    raise TypeError(f"method {method!r} takes r = a float keep rate in (0, 1] applied at its reduction "
+                    f"layers (e.g. r={DEFAULT_KEEP_RATE}), or 0 for no reduction; got {r!r}")
+
+
+def _validate_common(options) -> None:
+    parse_layers(options["layers"])
+    if options["backend"] not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
+
+
+def _patch_schedule_for(method: str):
+    def schedule(r, depth: int, options):
+        """Validate ``r`` (keep rate or 0) and ``layers`` against the model's depth, once at patch time."""
+        patch_keep_rate(r, method)
+        parse_layers(options["layers"], depth)
+        return r
+
+    return schedule
+
+
+def reduction_block_forward(block, x: torch.Tensor, ctx, output_tokens) -> tuple:
+    """Block forward shared by ``method="evit"`` and ``"bat"``: the patch's own attention-reduce-MLP
+    block, with ``r`` set from the keep rate at the method's layers and 0 elsewhere.
+
+    ``output_tokens(N, p, keep_rate, options)`` is the token count the method leaves. A block whose
+    reduction would leave all ``N`` tokens (a keep rate leaving one inattentive token in EViT) runs
+    unreduced.
+    """
+    from . import patch
+
+    p = ctx.num_prefix_tokens
+    method = ctx.state.method
+    if p < 1:
+        raise ValueError(f"method {method.name!r} ranks tokens by the class token's attention: the model "
+                         "needs a class token")
+    keep_rate = patch_keep_rate(ctx.state.r, method.name)
+    r = 0
+    if keep_rate is not None and ctx.block_index in parse_layers(ctx.options["layers"]):
+        N = x.shape[1]
+        r = max(0, N - output_tokens(N, p, keep_rate, ctx.options))
+    return patch._reduce_block(block, x, dataclasses.replace(ctx, r=r), method)
+
+
+def _evit_output_tokens(N: int, p: int, keep_rate: float, options) -> int:
+    K = kept_count(N, p, keep_rate)
+    return N if K == N - p else p + K + 1
+
+
+def _evit_reducer(x: torch.Tensor, ctx) -> tuple:
+    """EViT in a timm block (after the attention residual): keep the attentive tokens, fuse the rest
+    into one token weighted by this block's class attention; see :func:`evit_tokens`."""
+    out = evit_tokens(x, ctx.cls_attn, ctx.state.r, size=ctx.size, num_prefix_tokens=ctx.num_prefix_tokens,
+                      normalize=ctx.options["normalize"], backend=ctx.options["backend"])
+    return out.x, out.size, out.index
+
+
+def _evit_block_forward(block, x: torch.Tensor, ctx) -> tuple:
+    return reduction_block_forward(block, x, ctx, _evit_output_tokens)
+
+
+def _evit_validate(options) -> None:
+    _validate_common(options)
+    if not isinstance(options["normalize"], bool):
+        raise TypeError(f"normalize must be a bool, got {options['normalize']!r}")
+
+
+def register_with_patch() -> None:
+    """Register ``method="evit"`` with :func:`fastprune.patch.timm` (done when this module is imported).
+
+    ``fastprune.patch.timm(model, method="evit", r=0.7)``: EViT (Liang et al., ICLR 2022) with the
+    paper's schedule -- at blocks 3, 6 and 9 (0-based), after the attention residual, keep the
+    ``ceil(r (N - p))`` most class-attended tokens and fuse the others into one token. ``r`` is the
+    keep rate (a float in ``(0, 1]``; the paper's default is 0.7, :data:`DEFAULT_KEEP_RATE`), or 0 for
+    no reduction. With N = 197 tokens (224 px, /16) and ``r = 0.7``, the blocks see
+    197, 140, 100 and 72 tokens. Options:
+
+    * ``layers=(3, 6, 9)``: the reducing blocks (a tuple of 0-based indices, or ``"3,6,9"``);
+    * ``normalize=False``: fuse with weights ``a_i / sum a`` instead of the paper's ``a_i``;
+    * ``backend="auto"`` (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``;
+    * the common ``prop_attn`` (on by default: the fused token's size enters the attention as
+      ``log size``) and ``prop_attn_impl``.
+    """
+    from . import patch
+
+    if "evit" not in patch.available_methods():
+        patch.register_method("evit", _evit_reducer, block_forward=_evit_block_forward, needs={"cls_attn"},
+                              defaults=PATCH_DEFAULTS, validate=_evit_validate, schedule=_patch_schedule_for("evit"))
+
+
+register_with_patch()

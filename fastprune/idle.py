@@ -323,7 +323,9 @@ def select_tokens(scores: torch.Tensor, k: int, num_prefix_tokens: int = 1, *,
         return IdleSelection(slot >= 0, index, slot)
     scores = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
     keep = topk_keep_mask(scores, k, p)
-    index = keep.nonzero()[:, 1].view(B, p + k)  # row-major: increasing positions per image
+    # selected positions in increasing order: a stable sort puts the selected tokens first, in their order
+    # (a fixed [B, p + k] shape, unlike nonzero(), so torch.compile traces it without a graph break)
+    index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p + k]
     slot = torch.where(keep, output_slots(keep), -1)
     return IdleSelection(keep, index, slot)
 

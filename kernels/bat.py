@@ -402,23 +402,33 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _aot_specs() -> list[KernelSpec]:
-    specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        tag = str(dtype).replace("torch.", "")
-        args = dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+    """Every kernel at every launch configuration the ViT shapes use, each storage dtype once.
+
+    The dtype only changes the conversion of the metric on load, so each (shape, dtype) pair is not
+    compiled: that keeps the ahead-of-time test short (the clustering kernel takes seconds to compile).
+    """
+    def args(dtype):
+        return dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
                     metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
                     index_ptr="*i64", N="i32", CM="i32", P="i32", K="i32")
-        for N in (197, 577):  # ViT/16 at 224 and 384 px, with the class token
-            consts, warps = _match_config(N)
-            specs.append(KernelSpec(f"bat_match[{tag},N={N}]", _bat_match_kernel, dict(args, R="i32"),
-                                    consts, warps))
-        # inattentive set sizes: keep rate 0.7 at the first reduction layer (58 of 196, 173 of 576)
-        # and keep rate 0.3 at 224 px (137 of 196).
-        for N, n_inattentive in ((197, 58), (197, 137), (577, 173)):
-            consts, warps = _cluster_config(N, n_inattentive)
-            specs.append(KernelSpec(f"bat_cluster[{tag},N={N},n={n_inattentive}]", _bat_cluster_kernel,
-                                    dict(args, NC="i32", KNN="i32", BASE="i32"), consts, warps))
+
+    specs = []
+    # ViT/16 at 224 px (N = 197) and 384 px (N = 577), class token included.
+    for dtype, N in ((torch.float32, 197), (torch.bfloat16, 577)):
+        consts, warps = _match_config(N)
+        specs.append(KernelSpec(f"bat_match[{_tag(dtype)},N={N}]", _bat_match_kernel, dict(args(dtype), R="i32"),
+                                consts, warps))
+    # Inattentive set sizes: keep rate 0.7 at the first reduction layer (58 of 196, 173 of 576) and
+    # keep rate 0.3 at 224 px (137 of 196).
+    for dtype, N, n_inattentive in ((torch.float32, 197, 58), (torch.float16, 197, 137), (torch.bfloat16, 577, 173)):
+        consts, warps = _cluster_config(N, n_inattentive)
+        specs.append(KernelSpec(f"bat_cluster[{_tag(dtype)},N={N},n={n_inattentive}]", _bat_cluster_kernel,
+                                dict(args(dtype), NC="i32", KNN="i32", BASE="i32"), consts, warps))
     return specs
+
+
+def _tag(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 register(_aot_specs)

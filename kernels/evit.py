@@ -350,32 +350,36 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _aot_specs() -> list[KernelSpec]:
+    """Both kernels at the launch configurations ViT shapes use, each storage dtype and form once."""
+    def tag(dtype):
+        return str(dtype).replace("torch.", "")
+
     specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # ViT-Ti/16 at 224 px and ViT-B/16 at 384 px.
+    for dtype, N, C, normalize in ((torch.float32, 197, 192, False), (torch.float32, 197, 192, True),
+                                   (torch.float16, 577, 768, False), (torch.bfloat16, 577, 768, True)):
         t = _PTR[dtype]
-        tag = str(dtype).replace("torch.", "")
-        for N, C in ((197, 192), (577, 768)):  # ViT-Ti/16 at 224 px, ViT-B/16 at 384 px
-            for normalize in (False, True):
-                consts, warps = _fwd_config(N, C, normalize)
-                specs.append(KernelSpec(
-                    f"evit_fwd[{tag},N={N},C={C},{'normalized' if normalize else 'paper'}]", _evit_fwd_kernel,
-                    dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                         scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                         size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                         out_ptr=t, size_out_ptr="*fp32", index_ptr="*i64", wsum_ptr="*fp32",
-                         N="i32", C="i32", P="i32", K="i32"),
-                    consts, warps))
-        for normalize in (False, True):
-            consts, warps = _bwd_config(768, normalize, True, True)
-            specs.append(KernelSpec(
-                f"evit_bwd[{tag},{'normalized' if normalize else 'paper'}]", _evit_bwd_kernel,
-                dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
-                     x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                     scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                     out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
-                     grad_x_ptr=t, grad_part_ptr="*fp32",
-                     N="i32", C="i32", P="i32", K="i32", NUM_CB="i32"),
-                consts, warps))
+        consts, warps = _fwd_config(N, C, normalize)
+        specs.append(KernelSpec(
+            f"evit_fwd[{tag(dtype)},N={N},C={C},{'normalized' if normalize else 'paper'}]", _evit_fwd_kernel,
+            dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
+                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+                 size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
+                 out_ptr=t, size_out_ptr="*fp32", index_ptr="*i64", wsum_ptr="*fp32",
+                 N="i32", C="i32", P="i32", K="i32"),
+            consts, warps))
+    for dtype, normalize in ((torch.float32, False), (torch.float16, True), (torch.bfloat16, False)):
+        t = _PTR[dtype]
+        consts, warps = _bwd_config(768, normalize, True, True)
+        specs.append(KernelSpec(
+            f"evit_bwd[{tag(dtype)},{'normalized' if normalize else 'paper'}]", _evit_bwd_kernel,
+            dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
+                 x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
+                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+                 out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
+                 grad_x_ptr=t, grad_part_ptr="*fp32",
+                 N="i32", C="i32", P="i32", K="i32", NUM_CB="i32"),
+            consts, warps))
     return specs
 
 

@@ -27,6 +27,14 @@ and ``size``. Selection and matching are not differentiable (no gradient reaches
 
 All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16): values are converted on load
 and converted back on store. Deterministic, no atomics.
+
+The launches are PyTorch operators (``torch.library.triton_op``, launches through ``wrap_triton``), each
+with a fake kernel, and autograd registered on the weighted merge:
+``torch.ops.fastprune.mstm_select_match_triton``, ``mstm_weighted_merge_triton`` and
+``mstm_weighted_merge_triton_backward``. ``torch.compile(fullgraph=True)`` traces through them without a
+graph break and Inductor sees the Triton kernels; CUDA graphs capture them (no host synchronisation);
+``torch.export`` keeps each operator as one node. Under the Triton interpreter they are plain
+``torch.library.custom_op`` operators with the same schema (interpreted kernels cannot be traced).
 """
 from __future__ import annotations
 
@@ -36,7 +44,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from fastprune.reference import COSINE_EPS, WEIGHT_EPS, Merged
 
@@ -373,13 +380,43 @@ def _backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscore
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
-    """Launch 1: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``."""
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Whether ``@triton.jit`` made interpreted kernels: Triton reads ``TRITON_INTERPRET`` once, when this
+#: module's kernels are decorated, so later changes of the variable do not change what they are.
+_KERNELS_INTERPRETED = _interpreting()
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``: the kernel, launchable so that tracing records it.
+
+    Inside a :func:`torch.library.triton_op` this makes the launch visible to ``torch.compile``
+    (Inductor schedules the kernel itself, CUDA graphs capture it) and to ``make_fx``; in a plain
+    eager call of the op, torch hands back the kernel unchanged. Under the Triton interpreter
+    (``TRITON_INTERPRET=1``) the kernel is returned as it is: an interpreted kernel carries none of
+    the compiled metadata torch's wrapper needs (torch < 2.12 even rejects it), and the operators are
+    then opaque custom ops anyway (see :data:`_define_op`).
+    """
+    if _KERNELS_INTERPRETED:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
+                  traceable: bool = False) -> torch.Tensor:
+    """Launch 1: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
+
+    ``traceable=True`` launches through :func:`wrap_triton` (inside the operators); False launches
+    the kernel directly (plain eager callers).
+    """
     B, N, CM = metric.shape
     index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
     consts, num_warps = _select_match_config(N)
     grid = (B, triton.cdiv(N, consts["BLOCK_I"]))
-    _mstm_select_match_kernel[grid](
+    kernel = wrap_triton(_mstm_select_match_kernel) if traceable else _mstm_select_match_kernel
+    kernel[grid](
         scores, scores.stride(0), scores.stride(1),
         metric, metric.stride(0), metric.stride(1), metric.stride(2),
         index, N, CM, p, N - r, **consts, num_warps=num_warps)
@@ -387,8 +424,12 @@ def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int) ->
 
 
 def _weighted_merge(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor,
-                    r: int, size_attn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch 2: merged tokens ``[B, N - r, C]`` (x's dtype), sizes and weight totals ``[B, N - r]`` fp32."""
+                    r: int, size_attn: bool, *,
+                    traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 2: merged tokens ``[B, N - r, C]`` (x's dtype), sizes and weight totals ``[B, N - r]`` fp32.
+
+    ``index`` must be contiguous. ``traceable``: as for :func:`_select_match`.
+    """
     B, N, C = x.shape
     S = N - r
     out = torch.empty(B, S, C, dtype=x.dtype, device=x.device)
@@ -397,7 +438,8 @@ def _weighted_merge(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.
     sz = scores if size is None else size  # a valid pointer when HAS_SIZE is off; never read then
     consts, num_warps = _merge_config(size is not None, size_attn)
     grid = (B, triton.cdiv(S, consts["BLOCK_S"]), triton.cdiv(C, consts["BLOCK_C"]))
-    _mstm_weighted_merge_kernel[grid](
+    kernel = wrap_triton(_mstm_weighted_merge_kernel) if traceable else _mstm_weighted_merge_kernel
+    kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
         scores, scores.stride(0), scores.stride(1),
         sz, sz.stride(0), sz.stride(1),
@@ -406,7 +448,12 @@ def _weighted_merge(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.
 
 
 def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, size_attn, need_gx,
-                    need_gscores, need_gsize):
+                    need_gscores, need_gsize, *, traceable: bool = False):
+    """Backward launch: ``(grad_x, grad_scores, grad_size)``, None for those not asked for.
+
+    ``out``, ``index`` and ``wsum`` must be contiguous (as :func:`_weighted_merge` makes them).
+    ``traceable``: as for :func:`_select_match`.
+    """
     B, N, C = x.shape
     S = out.shape[1]
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else None
@@ -415,13 +462,16 @@ def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, 
     sz = scores if size is None else size
     consts, num_warps = _backward_config(size is not None, size_attn, need_gx, need_gscores, need_gsize)
     grid = (B, triton.cdiv(N, consts["BLOCK_I"]))
-    _mstm_merge_backward_kernel[grid](
+    kernel = wrap_triton(_mstm_merge_backward_kernel) if traceable else _mstm_merge_backward_kernel
+    kernel[grid](
         grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
         x, x.stride(0), x.stride(1), x.stride(2),
         out, index, wsum,
         scores, scores.stride(0), scores.stride(1),
         sz, sz.stride(0), sz.stride(1),
+        # pointers of gradients not asked for are never written (NEED_* constexprs): any tensor of the
+        # right dtype will do
         x if grad_x is None else grad_x,
         wsum if grad_scores is None else grad_scores,
         wsum if grad_size is None else grad_size,
@@ -429,42 +479,114 @@ def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, 
     return grad_x, grad_scores, grad_size
 
 
-class MSTMMergeFunction(torch.autograd.Function):
-    """Fused MSTM merge with a fused backward: ``(x, scores, size, metric) -> (x', size', index)``.
+# ----------------------------------------------------------------------------------------------------
+# Operators: torch.library.triton_op, so that torch.compile / torch.export / CUDA graphs see the kernels
+# ----------------------------------------------------------------------------------------------------
+#: How the operators are defined. With compiled kernels: :func:`torch.library.triton_op`, whose
+#: implementation ``torch.compile`` traces into (Inductor sees the Triton launches, CUDA graphs
+#: capture them, no graph break) while ``torch.export`` keeps the operator as one node. Under the
+#: Triton interpreter (``TRITON_INTERPRET=1``, CPU tests): :func:`torch.library.custom_op`, an opaque
+#: operator with the same schema, fake kernel and autograd, because interpreted kernels cannot be
+#: traced (they run on real data only).
+_define_op = torch.library.custom_op if _KERNELS_INTERPRETED else torch.library.triton_op
 
-    Gradients reach ``x``, ``scores`` (only with ``size_attn``, through ``w = size * max(score, eps)``)
-    and ``size`` (through ``w`` and through ``size' = scatter-sum(size)``). ``index`` is not
-    differentiable and nothing reaches ``metric`` (selection and matching are discrete).
+
+@_define_op("fastprune::mstm_select_match_triton", mutates_args=())
+def _select_match_op(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.Tensor:
+    """``torch.ops.fastprune.mstm_select_match_triton``: top-k selection + cosine matching (launch 1).
+
+    ``scores [B, N]`` float32, ``metric [B, N, Cm]`` -> ``index [B, N]`` int64 (see
+    :func:`mstm_merge_triton`). Not differentiable (discrete).
     """
-
-    @staticmethod
-    def forward(ctx, x, scores, size, metric, r, num_prefix_tokens, size_attn):
-        index = _select_match(scores, metric.detach(), r, num_prefix_tokens)
-        out, size_out, wsum = _weighted_merge(x, scores, size, index, r, size_attn)
-        ctx.mark_non_differentiable(index)
-        if size is None:
-            ctx.mark_non_differentiable(size_out)
-        ctx.save_for_backward(x, scores, size, index, out, wsum)
-        ctx.size_attn = size_attn
-        return out, size_out, index
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_size_out, grad_index):
-        x, scores, size, index, out, wsum = ctx.saved_tensors
-        need_gx = ctx.needs_input_grad[0]
-        need_gscores = ctx.needs_input_grad[1] and ctx.size_attn
-        need_gsize = size is not None and ctx.needs_input_grad[2]
-        if not (need_gx or need_gscores or need_gsize):
-            return None, None, None, None, None, None, None
-        grad_x, grad_scores, grad_size = _merge_backward(
-            grad_out, grad_size_out, x, out, index, wsum, scores, size, ctx.size_attn,
-            need_gx, need_gscores, need_gsize)
-        return grad_x, grad_scores, grad_size, None, None, None, None
+    return _select_match(scores, metric, r, num_prefix_tokens, traceable=True)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+@_select_match_op.register_fake
+def _(scores, metric, r, num_prefix_tokens):
+    B, N, _ = metric.shape
+    torch._check(0 <= num_prefix_tokens)
+    torch._check(1 <= r)
+    torch._check(r <= N - num_prefix_tokens - 1)
+    return metric.new_empty(B, N, dtype=torch.int64)
+
+
+@_define_op("fastprune::mstm_weighted_merge_triton", mutates_args=())
+def _weighted_merge_op(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor,
+                       r: int, size_attn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.fastprune.mstm_weighted_merge_triton``: the weighted merge (launch 2).
+
+    ``(x [B, N, C], scores [B, N] fp32, size [B, N] fp32 or None, index [B, N] int64, r, size_attn)``
+    -> ``(x' [B, N - r, C] in x's dtype, size' [B, N - r] fp32, W [B, N - r] fp32)``, ``W`` the merge
+    weight totals (saved for the backward). ``index[b, i]`` in ``[0, N - r)`` is the output token input
+    token ``i`` goes to. Differentiable with respect to ``x``, ``scores`` (``size_attn``) and ``size``.
+    """
+    return _weighted_merge(x, scores, size, index.contiguous(), r, size_attn, traceable=True)
+
+
+@_weighted_merge_op.register_fake
+def _(x, scores, size, index, r, size_attn):
+    B, N, C = x.shape
+    torch._check(0 <= r)
+    torch._check(r < N)
+    return (x.new_empty(B, N - r, C), x.new_empty(B, N - r, dtype=torch.float32),
+            x.new_empty(B, N - r, dtype=torch.float32))
+
+
+@_define_op("fastprune::mstm_weighted_merge_triton_backward", mutates_args=())
+def _weighted_merge_backward_op(grad_out: torch.Tensor, grad_size_out: torch.Tensor, x: torch.Tensor,
+                                out: torch.Tensor, index: torch.Tensor, wsum: torch.Tensor, scores: torch.Tensor,
+                                size: Optional[torch.Tensor], size_attn: bool, need_gx: bool,
+                                need_gscores: bool, need_gsize: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.fastprune.mstm_weighted_merge_triton_backward``: the fused backward (one launch).
+
+    Returns ``(grad_x [B, N, C] in x's dtype, grad_scores [B, N] fp32, grad_size [B, N] fp32)``; a
+    gradient not asked for (``need_*`` False) comes back as an empty ``[0]`` tensor.
+    """
+    gx, gs, gz = _merge_backward(grad_out, grad_size_out, x, out.contiguous(), index.contiguous(),
+                                 wsum.contiguous(), scores, size, size_attn, need_gx, need_gscores, need_gsize,
+                                 traceable=True)
+    return (x.new_empty(0) if gx is None else gx, wsum.new_empty(0) if gs is None else gs,
+            wsum.new_empty(0) if gz is None else gz)
+
+
+@_weighted_merge_backward_op.register_fake
+def _(grad_out, grad_size_out, x, out, index, wsum, scores, size, size_attn, need_gx, need_gscores, need_gsize):
+    B, N, C = x.shape
+    return (x.new_empty(B, N, C) if need_gx else x.new_empty(0),
+            wsum.new_empty(B, N) if need_gscores else wsum.new_empty(0),
+            wsum.new_empty(B, N) if need_gsize else wsum.new_empty(0))
+
+
+def _weighted_merge_setup_context(ctx, inputs, output):
+    x, scores, size, index, r, size_attn = inputs
+    out, size_out, wsum = output
+    ctx.mark_non_differentiable(wsum)
+    if size is None:
+        ctx.mark_non_differentiable(size_out)
+    ctx.save_for_backward(x, scores, size, index, out, wsum)
+    ctx.size_attn = size_attn
+
+
+def _weighted_merge_backward(ctx, grad_out, grad_size_out, grad_wsum):
+    """Gradients reach ``x``, ``scores`` (only with ``size_attn``, through ``w = size * max(score, eps)``)
+    and ``size`` (through ``w`` and ``size' = scatter-sum(size)``); ``index`` is discrete."""
+    x, scores, size, index, out, wsum = ctx.saved_tensors
+    need_gx = ctx.needs_input_grad[0]
+    need_gscores = ctx.needs_input_grad[1] and ctx.size_attn
+    need_gsize = size is not None and ctx.needs_input_grad[2]
+    if not (need_gx or need_gscores or need_gsize):
+        return None, None, None, None, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_size_out is None:
+        grad_size_out = torch.zeros_like(wsum)
+    gx, gs, gz = torch.ops.fastprune.mstm_weighted_merge_triton_backward(
+        grad_out, grad_size_out, x, out, index, wsum, scores, size, ctx.size_attn, need_gx, need_gscores, need_gsize)
+    return (gx if need_gx else None, gs if need_gscores else None, gz if need_gsize else None, None, None, None)
+
+
+_weighted_merge_op.register_autograd(_weighted_merge_backward, setup_context=_weighted_merge_setup_context)
 
 
 def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optional[torch.Tensor] = None,
@@ -478,6 +600,11 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
     average (``w = size`` or ``size * max(score, WEIGHT_EPS)``), sizes add up. Arguments are expected
     validated by :func:`fastprune.merge_tokens` (the front door); only device and ``weight`` are
     checked here.
+
+    The two launches are the operators ``torch.ops.fastprune.mstm_select_match_triton`` and
+    ``torch.ops.fastprune.mstm_weighted_merge_triton`` (with a registered fake kernel and autograd), so
+    the merge runs under ``torch.compile(fullgraph=True)`` without a graph break, is captured by CUDA
+    graphs and exports with ``torch.export`` as those two nodes.
 
     Args:
         x: ``[B, N, C]`` tokens, float32 / float16 / bfloat16, any strides; CUDA (or CPU under
@@ -506,8 +633,10 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
     metric = x if metric is None else metric
     scores = scores.float()
     size = None if size is None else size.float()
-    out, size_out, index = MSTMMergeFunction.apply(x, scores, size, metric, int(r), int(num_prefix_tokens),
-                                                   weight == "size_attn")
+    r, p = int(r), int(num_prefix_tokens)
+    index = torch.ops.fastprune.mstm_select_match_triton(scores.detach(), metric.detach(), r, p)
+    out, size_out, _ = torch.ops.fastprune.mstm_weighted_merge_triton(x, scores, size, index, r,
+                                                                       weight == "size_attn")
     return Merged(out, size_out, index)
 
 
