@@ -18,8 +18,8 @@ Environment:
   torch or a failed CPU build an error.
 * ``FASTPRUNE_BUILD_CUDA=0`` skips the CUDA extension; ``=1`` builds it even if the version check
   fails and makes a failed build an error.
-* ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``: A100, H100/H200, PTX for newer GPUs),
-  ``MAX_JOBS`` (parallel compile jobs; the default here is 2, the size of CI's machine).
+* ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0+PTX``: A100, H100/H200, PTX for newer GPUs) and
+  ``MAX_JOBS`` (parallel compile jobs of ninja; ``csrc/setup_cuda_toolchain.sh`` sets 2 for CI).
 """
 import os
 import re
@@ -84,7 +84,6 @@ def _extensions():
         _say(message + " Installing the pure-Python package (reference and Triton kernels) only.")
         return [], {}
 
-    os.environ.setdefault("MAX_JOBS", "2")
     # -fopenmp: at::parallel_for is OpenMP, inlined into our code; -g0: no debug info (faster build)
     cxx_flags = ["-O3", "-g0", "-fopenmp"]
     ext_modules = [

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -137,7 +138,8 @@ void merge_forward_kernel(const at::Tensor& x, const at::Tensor& scores, const a
 
   if (r > 0) {
     // 2. Normalised metric rows (prefix rows are never compared).
-    std::vector<macc_t> mhat(static_cast<size_t>(B * N * Cm));
+    // uninitialised (only non-prefix rows are written and read)
+    std::unique_ptr<macc_t[]> mhat(new macc_t[static_cast<size_t>(B * N * Cm)]);
     at::parallel_for(0, B * N, grain_for(2 * Cm), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         if (t % N < p) continue;
@@ -146,7 +148,7 @@ void merge_forward_kernel(const at::Tensor& x, const at::Tensor& scores, const a
         for (int64_t c = 0; c < Cm; ++c) ss += static_cast<macc_t>(m[c]) * static_cast<macc_t>(m[c]);
         macc_t norm = std::sqrt(ss);
         if (!std::isnan(norm)) norm = std::max(norm, static_cast<macc_t>(COSINE_EPS));
-        macc_t* o = mhat.data() + t * Cm;
+        macc_t* o = mhat.get() + t * Cm;
         for (int64_t c = 0; c < Cm; ++c) o[c] = static_cast<macc_t>(m[c]) / norm;
       }
     });
@@ -155,13 +157,13 @@ void merge_forward_kernel(const at::Tensor& x, const at::Tensor& scores, const a
       for (int64_t t = t0; t < t1; ++t) {
         if (ip[t] >= 0) continue;  // kept (prefix tokens are always kept)
         const int64_t b = t / N;
-        const macc_t* mi = mhat.data() + t * Cm;
+        const macc_t* mi = mhat.get() + t * Cm;
         const int64_t* cb = cand.data() + b * K;
         int64_t best_j = cb[0];
-        macc_t best = dot<macc_t>(mi, mhat.data() + (b * N + best_j) * Cm, Cm);
+        macc_t best = dot<macc_t>(mi, mhat.get() + (b * N + best_j) * Cm, Cm);
         for (int64_t k = 1; k < K; ++k) {
           const int64_t j = cb[k];
-          const macc_t sim = dot<macc_t>(mi, mhat.data() + (b * N + j) * Cm, Cm);
+          const macc_t sim = dot<macc_t>(mi, mhat.get() + (b * N + j) * Cm, Cm);
           if (ranks_above(sim, best)) {
             best = sim;
             best_j = j;

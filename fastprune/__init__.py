@@ -8,6 +8,7 @@ from .functional import merge, merge_tokens
 from .reference import Merged
 from . import tome  # noqa: E402,F401  (ToMe; registers method="tome" with fastprune.patch)
 from . import idle  # noqa: E402,F401  (IdleViT; registers method="idle" with fastprune.patch)
+from . import evit, bat  # noqa: E402,F401  (EViT, BAT; register method="evit" and "bat" with fastprune.patch)
 
 __all__ = ["merge", "merge_tokens", "Merged", "cls_attention", "proportional_attention", "patch"]
 

@@ -188,7 +188,7 @@ def _cuda_scatter_tokens_inplace(x, index, src):
 
 def _cuda_scatter_add_tokens(x, index, src):
     acc = compute_dtype(x)
-    out = x.to(acc).scatter_add_(1, _expand_index(index, x.shape[2]), src.to(acc))
+    out = x.to(acc, copy=True).scatter_add_(1, _expand_index(index, x.shape[2]), src.to(acc))
     return out.to(x.dtype).contiguous()
 
 

@@ -111,7 +111,7 @@ def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
     x_out = torch.cat([kept, fused], dim=1).to(x.dtype)
 
     size_out = torch.cat([size[keep].view(B, p + K), (size * ~keep).sum(dim=1, keepdim=True)], dim=1)
-    index = torch.where(keep, output_slots(keep), torch.full_like(output_slots(keep), p + K))
+    index = output_slots(keep).masked_fill(~keep, p + K)  # every fused token goes to slot p + K
     return Merged(x_out, size_out, index)
 
 

@@ -1,22 +1,40 @@
 """The front door: :func:`merge` and :func:`merge_tokens`, with input checks and backend dispatch."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _checks, _ext
 from .reference import Merged, mstm_merge
 
-BACKENDS = ("auto", "triton", "reference")
+#: ``"auto"``: Triton on CUDA tensors, the C++ kernels on CPU tensors (the reference, with a one-time
+#: warning, if the extension is not built); ``"triton"``; ``"cpp"`` (C++ kernels on CPU tensors, the
+#: CUDA C++ kernels on CUDA tensors); ``"cuda"`` (the CUDA C++ kernels; CUDA tensors only);
+#: ``"reference"`` (the PyTorch specification).
+BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
+
+_warned_no_ext = False
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    global _warned_no_ext
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda" and not x.is_cuda:
+        raise ValueError(f"backend='cuda' needs CUDA tensors, but x is on {x.device}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "reference"
-    return backend
+        if x.is_cuda:
+            return "triton"
+        if x.device.type == "cpu" and _ext.available():
+            return "cpp"
+        if x.device.type == "cpu" and not _warned_no_ext:
+            _warned_no_ext = True
+            warnings.warn("fastprune's C++ extension is not available "
+                          f"({_ext.load_error()}); using the PyTorch reference on CPU", RuntimeWarning)
+        return "reference"
+    return "cpp" if backend == "cuda" else backend
 
 
 def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[torch.Tensor] = None,
@@ -43,8 +61,10 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
         num_prefix_tokens: ``p``, leading tokens never merged (class, distillation, registers).
         weight: ``"size"`` (size-weighted average, default) or ``"size_attn"`` (size x class
             attention, MSTM's importance weighting; then gradients also reach ``attn``).
-        backend: ``"auto"`` (Triton kernels on CUDA, the PyTorch reference on CPU), ``"triton"``
-            or ``"reference"``.
+        backend: ``"auto"`` (Triton kernels on CUDA; the C++ kernels on CPU, or the PyTorch
+            reference with a one-time warning if the extension is not built), ``"triton"``,
+            ``"cpp"`` (compiled C++ on CPU / CUDA C++ on CUDA), ``"cuda"`` (the CUDA C++ kernels) or
+            ``"reference"``.
 
     Returns:
         :class:`~fastprune.Merged` ``(x, size, index)``: merged tokens ``[B, N - r, C]`` in x's dtype,
@@ -58,7 +78,8 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
             ``num_prefix_tokens`` not ints.
         ValueError: wrong ranks, B/N mismatch between ``x`` and ``attn``/``size``/``metric``, ``r`` or
             ``num_prefix_tokens`` out of range, tensors on different devices, unknown ``weight`` or
-            ``backend``.
+            ``backend``, ``backend="cuda"`` with CPU tensors.
+        RuntimeError: ``backend="cpp"``/``"cuda"`` when the extension is not built.
     """
     _checks.check_tokens(x)
     B, N, _ = x.shape
@@ -79,6 +100,8 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
         from .kernels.merge import mstm_merge_triton
 
         return mstm_merge_triton(x, scores, r, size=size, metric=metric, num_prefix_tokens=p, weight=weight)
+    if backend == "cpp":
+        return _ext.mstm_merge_cpp(x, scores, r, size=size, metric=metric, num_prefix_tokens=p, weight=weight)
     return mstm_merge(x, scores, r, size=size, metric=metric, num_prefix_tokens=p, weight=weight)
 
 

@@ -43,6 +43,24 @@ Choices (``METHODS.md`` leaves them open):
 * Column 0 of ``D`` is zeroed as ``METHODS.md`` says (the class token only, also when there are more
   prefix tokens).
 
+timm patch, ``fastprune.patch.timm(model, method="idle", r=0.7)``: ``r`` a float is the keep rate
+``rho`` of the schedule above; an int ``r`` idles ``r`` tokens in every block, a list of ``depth``
+ints ``r[l]`` in block ``l`` (:func:`idle_schedule`). The token count never changes, so the patch
+state's ``num_tokens`` stays ``N`` (and its ``r_applied`` is the patch's generic count, not
+IdleViT's: use :func:`idle_schedule`). Options:
+
+* ``form="auto"``: the mask form while the model is in training mode, the gather form in eval mode;
+  ``"gather"`` / ``"mask"`` force one.
+* ``cut_loss=True``: mask-form forwards record each idle layer's token cut loss; :func:`cut_loss`
+  returns their mean after the forward (``loss = task + CUT_LOSS_WEIGHT * cut_loss(model)``).
+* ``reselect=True``: the paper's rule, every token (idle ones included) competes in every idle layer.
+  ``False`` (not the paper): only the previous idle layer's selected tokens compete, so an idle token
+  stays idle (token pruning that keeps the idle tokens for the output). Off-the-shelf (no
+  fine-tuning) this matters a lot: stale idle tokens make up ~40% of the later layers' selections
+  with ``reselect=True`` on ViT-Ti/DeiT-Ti at ``rho = 0.7``, and accuracy drops far more; the paper
+  fine-tunes with the cut loss.
+* ``backend="auto"``: Triton on CUDA, PyTorch on CPU; ``"triton"`` / ``"reference"`` force one.
+
 This module holds the PyTorch reference (the specification the kernels are tested against and the
 CPU path), the public functional API with validation and backend dispatch, and the
 ``method="idle"`` registration for :func:`fastprune.patch.timm`. The Triton kernels are in
@@ -311,7 +329,7 @@ def select_tokens(scores: torch.Tensor, k: int, num_prefix_tokens: int = 1, *,
                         f"{type(scores).__name__ if not isinstance(scores, torch.Tensor) else scores.dtype}")
     if scores.dim() != 2 or min(scores.shape) < 1:
         raise ValueError(f"scores must have shape [B, N] with B, N >= 1, got {tuple(scores.shape)}")
-    B, N = scores.shape
+    N = scores.shape[1]
     p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N)
     k = _checks.check_int(k, "k", 0, N - p)
     backend = _resolve_backend(backend, scores)
@@ -544,7 +562,8 @@ def _masked_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor):
 
 
 def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: int = 1, form: str = "gather",
-               cut_loss: bool = False, backend: str = "auto") -> IdleOutput:
+               cut_loss: bool = False, candidates: Optional[torch.Tensor] = None,
+               backend: str = "auto") -> IdleOutput:
     """Run one timm ``Block`` as an IdleViT idle layer (Xu et al., 2023).
 
     1. Rank: the class token's attention logits of this block, before the block (:func:`cls_logits`).
@@ -565,6 +584,9 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
         num_prefix_tokens: ``p >= 1`` (the class token ranks the others).
         form: ``"gather"`` (inference) or ``"mask"`` (training).
         cut_loss: compute the token cut loss (needs ``form="mask"``).
+        candidates: optional ``[B, N]`` bool, the tokens that may be selected (e.g. the previous idle
+            layer's selection, so that an idle token is never selected again -- NOT the paper's rule,
+            see the ``reselect`` option of the patch); others rank last. None: every token (IdleViT).
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -574,7 +596,8 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
         TypeError: ``block`` not a timm ``Block``, ``x`` not a float ``[B, N, C]`` tensor, ``k``,
             ``num_prefix_tokens`` not ints, ``cut_loss`` not a bool.
         ValueError: ``k``/``num_prefix_tokens`` out of range, unknown ``form``/``backend``,
-            ``cut_loss`` with ``form="gather"``, width mismatch.
+            ``cut_loss`` with ``form="gather"``, width mismatch, ``candidates`` not a ``[B, N]`` bool
+            tensor on x's device.
     """
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.float64):
         _checks.check_tokens(x)
@@ -590,11 +613,16 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
         raise TypeError(f"cut_loss must be a bool, got {type(cut_loss).__name__}")
     if cut_loss and form != "mask":
         raise ValueError("cut_loss=True needs form='mask' (the loss uses the logits of all tokens)")
+    if candidates is not None and not (isinstance(candidates, torch.Tensor) and candidates.dtype == torch.bool
+                                       and candidates.shape == (B, N) and candidates.device == x.device):
+        raise ValueError(f"candidates must be a bool tensor of shape [B, N] = {(B, N)} on x's device")
     backend = _resolve_backend(backend, x)
 
     if k == N - p:  # nothing idle: the plain block
         return IdleOutput(_full_block(block, x), None, None)
     scores = cls_logits(x, block, backend=backend)
+    if candidates is not None:
+        scores = scores.masked_fill(~candidates, float("-inf"))
     selection = select_tokens(scores, k, p, backend=backend)
     if form == "gather":
         xs = idle_gather(x, selection, backend=backend)
@@ -609,11 +637,12 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
 # --------------------------------------------------------------------------------------------------
 
 class _ForwardCutLoss:
-    """The token cut losses recorded during one forward of a patched model."""
+    """What one forward of a patched model records: the token cut losses, the last selection."""
 
     def __init__(self) -> None:
         self.computed = False  # some block ran in the mask form with cut_loss=True
         self.losses: dict = {}  # block index -> 0-d loss, for the blocks that idled tokens
+        self.selected: Optional[torch.Tensor] = None  # [B, N] bool, the last idle layer's selection
 
 
 #: Per patched model (keyed by its PatchState): the last forward's :class:`_ForwardCutLoss`.
@@ -627,6 +656,8 @@ def _idle_validate(options) -> None:
         raise ValueError(f"form must be one of {IDLE_OPTION_FORMS}, got {options['form']!r}")
     if not isinstance(options["cut_loss"], bool):
         raise TypeError(f"cut_loss must be a bool, got {options['cut_loss']!r}")
+    if not isinstance(options["reselect"], bool):
+        raise TypeError(f"reselect must be a bool, got {options['reselect']!r}")
     if options["backend"] not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {options['backend']!r}")
 
@@ -646,11 +677,15 @@ def _idle_block_forward(block: nn.Module, x: torch.Tensor, ctx) -> tuple:
     if form == "auto":
         form = "mask" if block.training else "gather"
     want_loss = options["cut_loss"] and form == "mask"
-    out = idle_block(block, x, k, num_prefix_tokens=p, form=form, cut_loss=want_loss, backend=options["backend"])
     record = _CUT_LOSSES[st]
+    candidates = None if options["reselect"] or record.selected is None else record.selected
+    out = idle_block(block, x, k, num_prefix_tokens=p, form=form, cut_loss=want_loss, candidates=candidates,
+                     backend=options["backend"])
     record.computed |= want_loss
     if out.cut_loss is not None:
         record.losses[ctx.block_index] = out.cut_loss
+    if out.selection is not None:
+        record.selected = out.selection.keep
     return out.x, None, None
 
 
@@ -687,7 +722,7 @@ def _register() -> None:
 
     if "idle" not in patch.available_methods():
         patch.register_method("idle", block_forward=_idle_block_forward,
-                              defaults={"form": "auto", "cut_loss": True, "backend": "auto"},
+                              defaults={"form": "auto", "cut_loss": True, "reselect": True, "backend": "auto"},
                               validate=_idle_validate)
 
 

@@ -33,7 +33,7 @@ Choices (where the description leaves room, or where the published algorithm is 
   ViT whose positions are already embedded.
 * **Ties**: a best partner tie goes to the lower B index (first maximum); a tie in best-partner
   similarity between A tokens goes to the lower A index (stable descending sort). The published code
-  uses an unstable sort, so its tie order is unspecified.
+  sorts with an unstable sort, so its tie order is unspecified.
 * **Zero metric vectors**: norms are clamped to ``COSINE_EPS`` before dividing, so a zero metric row
   has similarity 0 to everything (the published code divides by the raw norm and would produce NaN).
 * All arithmetic is in float32 (float64 for float64 input, used by the gradient checks); half
@@ -54,7 +54,8 @@ from .reference import COSINE_EPS, Merged, compute_dtype, weighted_merge
 
 __all__ = [
     "Matching", "bipartite_soft_matching", "merge_wavg", "tome_merge_reference", "tome_merge_tokens",
-    "tome_merge", "clip_r", "tome_schedule", "tome_token_counts", "SCHEDULES",
+    "tome_merge", "clip_r", "tome_schedule", "tome_token_counts", "SCHEDULES", "register_with_patch",
+    "PATCH_DEFAULTS",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
@@ -126,8 +127,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     sim = a @ b.transpose(1, 2)  # [B, NA, NB]
     sim = sim.masked_fill((pos_a < p)[None, :, None], float("-inf"))  # class token: never a source
     sim = sim.masked_fill((pos_b < p)[None, None, :], float("-inf"))  # distillation token: no sink
-    score = sim.max(dim=-1).values
     partner = sim.argmax(dim=-1)  # first maximum: ties go to the lower B index
+    score = sim.gather(2, partner[..., None]).squeeze(2)
 
     # 4. the r A tokens with the highest best-partner similarity merge (ties: lower A index)
     ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
@@ -263,8 +264,8 @@ def tome_schedule(r: Union[int, Sequence[int]], num_layers: int, schedule: str =
       ``L r``); they are rounded by largest remainder, in integers: every block gets
       ``floor(v_l)``, and the ``L r - sum floor(v_l)`` blocks with the largest fractional part of
       ``v_l`` (the earlier block on ties) get one more. The result keeps the total, starts at ``2r``,
-      ends at ``0`` and never increases. (The published code truncates every ``v_l`` instead, which
-      merges slightly fewer tokens in total.)
+      ends at ``0`` and never increases. (Truncating every ``v_l`` instead would merge fewer
+      tokens in total than the constant schedule.)
       For ``L = 1`` the schedule is ``[r]``.
 
     Per-block values are clipped at run time to ``(N - p) // 2`` (see :func:`tome_token_counts`).

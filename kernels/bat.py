@@ -26,8 +26,8 @@ Inside the first two kernels every per-token quantity is a register vector over 
 in row tiles of at most 4096 elements (fp32, one rank-1 update per metric channel: :func:`_gram`) and
 recomputed in each pass rather than stored, so nothing of size ``N x N`` lives in memory. Moving a
 per-row result into a vector (and reading one back) is a one-hot reduction over the tile
-(:func:`_put`, :func:`_take`). Top-k selections use the sort-free key threshold of
-``kernels/evit.py``.
+(:func:`_put`, :func:`_take`). Top-k selections count, for each token, the members that rank
+above it (:func:`_top_mask`): ``O(n^2)`` comparisons in the same row tiles, no sort.
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ from fastprune.bat import BATCounts
 from fastprune.reference import COSINE_EPS, Merged
 
 from .aot import KernelSpec, register
-from .evit import kth_largest_key, order_keys
 from .merge import _merge_backward, _weighted_merge
 
 __all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
@@ -64,6 +63,24 @@ def _put(vals, rows, cols):
 
 
 @triton.jit
+def _top_mask(vals, member, K, cols, n_rows, BLOCK_R: tl.constexpr):
+    """Top-k selection: ``member & (rank < K)``, where ``rank_j`` counts the members ``i`` with
+    ``v_i > v_j`` or ``v_i == v_j and i < j`` (larger first, ties to the lower index).
+
+    ``vals`` and ``member`` are register vectors over ``cols``; members lie below ``n_rows``. The
+    comparisons run in ``[BLOCK_R, len(cols)]`` tiles.
+    """
+    rank = tl.zeros(cols.shape, tl.int32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        v_rows = _take(vals, rows, cols)
+        m_rows = _take(member.to(tl.int32), rows, cols) != 0
+        above = (v_rows[:, None] > vals[None, :]) | ((v_rows[:, None] == vals[None, :]) & (rows[:, None] < cols[None, :]))
+        rank += tl.sum((m_rows[:, None] & above).to(tl.int32), axis=0)
+    return member & (rank < K)
+
+
+@triton.jit
 def _gram(metric_row, stride_mn, stride_mc, row_ids, row_mask, col_ids, col_mask, CM,
           BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     """``<m_i, m_j>`` for tokens ``row_ids`` (``[BLOCK_R]``) against tokens ``col_ids`` (``[BLOCK_J]``), and
@@ -74,11 +91,15 @@ def _gram(metric_row, stride_mn, stride_mc, row_ids, row_mask, col_ids, col_mask
     """
     gram = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
     sq_rows = tl.zeros([BLOCK_R], tl.float32)
-    for c in range(0, CM):
-        m_r = tl.load(metric_row + row_ids * stride_mn + c * stride_mc, mask=row_mask, other=0.0).to(tl.float32)
-        m_c = tl.load(metric_row + col_ids * stride_mn + c * stride_mc, mask=col_mask, other=0.0).to(tl.float32)
+    row_ptrs = metric_row + row_ids * stride_mn
+    col_ptrs = metric_row + col_ids * stride_mn
+    for _ in range(0, CM):
+        m_r = tl.load(row_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+        m_c = tl.load(col_ptrs, mask=col_mask, other=0.0).to(tl.float32)
         gram += m_r[:, None] * m_c[None, :]
         sq_rows += m_r * m_r
+        row_ptrs += stride_mc
+        col_ptrs += stride_mc
     return gram, sq_rows
 
 
@@ -86,9 +107,11 @@ def _gram(metric_row, stride_mn, stride_mc, row_ids, row_mask, col_ids, col_mask
 def _sq_norms(metric_row, stride_mn, stride_mc, ids, mask, CM, BLOCK_J: tl.constexpr):
     """``|m_j|^2`` (fp32) of the tokens ``ids`` (``[BLOCK_J]``); 0 where ``mask`` is off."""
     sq = tl.zeros([BLOCK_J], tl.float32)
-    for c in range(0, CM):
-        m_c = tl.load(metric_row + ids * stride_mn + c * stride_mc, mask=mask, other=0.0).to(tl.float32)
+    ptrs = metric_row + ids * stride_mn
+    for _ in range(0, CM):
+        m_c = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         sq += m_c * m_c
+        ptrs += stride_mc
     return sq
 
 
@@ -108,7 +131,7 @@ def _bat_match_kernel(
         metric_ptr, stride_mb, stride_mn, stride_mc,
         index_ptr,
         N, CM, P, K, R,
-        BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr, BLOCK_R: tl.constexpr, COS_EPS: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COS_EPS: tl.constexpr):
     """Decoupling and attentive token matching for one image; writes ``index`` of its prefix and
     attentive tokens.
 
@@ -116,11 +139,11 @@ def _bat_match_kernel(
     already clipped by the host). Per-token quantities are ``[BLOCK_N]`` register vectors
     (``BLOCK_N >= N``, a power of two):
 
-    1. **decouple**: attentive = the ``K`` non-prefix tokens with the largest score (key threshold);
+    1. **decouple**: attentive = the ``K`` non-prefix tokens with the largest score (:func:`_top_mask`);
     2. **matching** (if ``R > 0``): attentive tokens alternate between sets A and B by their rank in
        the original order (a cumsum). Per ``[BLOCK_R, BLOCK_N]`` row tile, the cosine similarity of
        the rows against the B tokens (fp32 Gram tile) and its first argmax; the ``R`` A
-       tokens with the best similarity are merged (key threshold);
+       tokens with the best similarity are merged (:func:`_top_mask`);
     3. survivors (prefix + unmerged attentive tokens) get slots ``0 .. P + K - R - 1`` (a cumsum); a
        merged A token gets its partner's slot.
 
@@ -137,8 +160,7 @@ def _bat_match_kernel(
 
     # 1. decouple by class attention.
     s = tl.load(score_row + cols * stride_sn, mask=valid, other=0.0).to(tl.float32)
-    keys = order_keys(s, cols, nonprefix, IDX_BITS)
-    attentive = keys >= kth_largest_key(keys, K, IDX_BITS)
+    attentive = _top_mask(s, nonprefix, K, cols, N, BLOCK_R)
 
     # 2. bipartite soft matching of the attentive tokens (cosine similarity).
     merged = cols < 0
@@ -158,8 +180,7 @@ def _bat_match_kernel(
             cos = tl.where(set_b[None, :], cos, float("-inf"))
             best += _put(tl.max(cos, axis=1), rows, cols)
             partner += _put(tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32), rows, cols)
-        keys_a = order_keys(best, cols, set_a, IDX_BITS)
-        merged = keys_a >= kth_largest_key(keys_a, R, IDX_BITS)
+        merged = _top_mask(best, set_a, R, cols, N, BLOCK_R)
 
     # 3. slots: survivors in token order; merged A tokens go to their partner's slot.
     survivor = (valid & (cols < P)) | (attentive & (merged == 0))
@@ -181,7 +202,7 @@ def _bat_cluster_kernel(
         metric_ptr, stride_mb, stride_mn, stride_mc,
         index_ptr,
         N, CM, P, K, NC, KNN, BASE,
-        BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
         BLOCK_R: tl.constexpr):
     """DPC-kNN clustering of one image's inattentive tokens; writes their ``index`` (``BASE`` + cluster).
 
@@ -191,13 +212,13 @@ def _bat_cluster_kernel(
     ``D^2 = |m_i - m_j|^2 / Cm`` are computed per ``[BLOCK_R, BLOCK_I]`` row tile from an fp32 Gram
     tile and recomputed in each pass rather than stored:
 
-    0. decouple (key threshold on the score row) and compact the inattentive ids, ``BLOCK_T`` tokens
-       at a time (cumsum + one-hot reduction);
+    0. decouple (:func:`_top_mask` on the score row) and compact the inattentive ids, ``BLOCK_T``
+       tokens at a time (cumsum + one-hot reduction);
     a. log density: minus the mean of the ``KNN`` smallest ``D^2`` to the other tokens (``KNN`` rounds
        of min + mask per row tile);
     b. ``delta``: distance to the nearest denser token (density, then lower index), the row maximum
        for the densest; score ``log rho + log delta``;
-    c. centres: the ``NC`` best scores (key threshold), numbered in token order (cumsum);
+    c. centres: the ``NC`` best scores (:func:`_top_mask`), numbered in token order (cumsum);
     d. every token joins its nearest centre (first minimum; a centre joins itself):
        ``index = BASE + centre number``.
 
@@ -211,20 +232,18 @@ def _bat_cluster_kernel(
 
     # 0. decouple, then compact the inattentive token ids: ids[j] = the j-th inattentive token.
     s = tl.load(score_row + cols * stride_sn, mask=cols < N, other=0.0).to(tl.float32)
-    thresh = kth_largest_key(order_keys(s, cols, (cols < N) & (cols >= P), IDX_BITS), K, IDX_BITS)
+    nonprefix = (cols < N) & (cols >= P)
+    inattentive = nonprefix & (_top_mask(s, nonprefix, K, cols, N, BLOCK_T) == 0)
+    position = tl.cumsum(inattentive.to(tl.int32), axis=0) - 1
     jj = tl.arange(0, BLOCK_I)
     n = N - P - K
     member = jj < n
     ids = tl.zeros([BLOCK_I], tl.int32)
-    seen = tl.sum(ids, axis=0)
     for t0 in range(0, N, BLOCK_T):
         offs = t0 + tl.arange(0, BLOCK_T)
-        inside = (offs < N) & (offs >= P)
-        st = tl.load(score_row + offs * stride_sn, mask=offs < N, other=0.0).to(tl.float32)
-        inattentive = inside & (order_keys(st, offs, inside, IDX_BITS) < thresh)
-        pos = seen + tl.cumsum(inattentive.to(tl.int32), axis=0) - 1
-        seen += tl.sum(inattentive.to(tl.int32), axis=0)
-        ids += tl.sum(tl.where(inattentive[:, None] & (pos[:, None] == jj[None, :]), offs[:, None], 0), axis=0)
+        hit = (_take(inattentive.to(tl.int32), offs, cols) != 0)[:, None] & \
+            (_take(position, offs, cols)[:, None] == jj[None, :])
+        ids += tl.sum(tl.where(hit, offs[:, None], 0), axis=0)
     sq = _sq_norms(metric_row, stride_mn, stride_mc, ids, member, CM, BLOCK_I)
 
     # a. log density.
@@ -258,8 +277,7 @@ def _bat_cluster_kernel(
         score += _put(ld_rows + tl.log(delta), rows, jj)
 
     # c. centres: the NC best scores, numbered in token order.
-    keys_c = order_keys(score, jj, member, IDX_BITS)
-    centre = keys_c >= kth_largest_key(keys_c, NC, IDX_BITS)
+    centre = _top_mask(score, member, NC, jj, n, BLOCK_R)
     centre_slot = tl.cumsum(centre.to(tl.int32), axis=0) - 1
 
     # d. assignment to the nearest centre.
@@ -281,7 +299,7 @@ def _bat_cluster_kernel(
 def _match_config(N: int) -> tuple[dict, int]:
     """Constants and num_warps of the matching kernel: ``[BLOCK_R, BLOCK_N]`` tiles of <= 4096 elements."""
     block_n = max(16, triton.next_power_of_2(N))
-    consts = dict(BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1, BLOCK_R=max(16, min(32, 4096 // block_n)),
+    consts = dict(BLOCK_N=block_n, BLOCK_R=max(16, min(32, 4096 // block_n)),
                   COS_EPS=COSINE_EPS)
     return consts, 4 if block_n <= 256 else 8
 
@@ -290,9 +308,9 @@ def _cluster_config(N: int, n_inattentive: int) -> tuple[dict, int]:
     """Constants and num_warps of the clustering kernel: ``[BLOCK_R, BLOCK_I]`` tiles of <= 4096 elements."""
     block_n = max(16, triton.next_power_of_2(N))
     block_i = max(16, triton.next_power_of_2(n_inattentive))
-    consts = dict(BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1, BLOCK_T=max(16, min(64, 4096 // block_i)),
+    consts = dict(BLOCK_N=block_n, BLOCK_T=max(16, min(64, 4096 // block_n)),
                   BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i)))
-    return consts, 4
+    return consts, 8
 
 
 # ----------------------------------------------------------------------------------------------------

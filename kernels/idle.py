@@ -31,7 +31,10 @@ Kernels (one program instance each does):
   1/H of one attention map); ``dq = dT k`` and ``dk = dT^T q`` are then two batched matmuls.
 
 Everything is computed in float32: half-precision inputs are converted right after loading, so
-nothing overflows. The scatter/gather kernels copy values without arithmetic.
+nothing overflows; the cut loss dots use ``input_precision="ieee"`` (no TF32 rounding of the logits).
+The scatter/gather kernels copy values without arithmetic. Tile sizes are those the ahead-of-time
+compilation (``kernels/aot.py``, registered at the end of this file) shows fit sm_80/sm_90 without
+register spills.
 """
 from __future__ import annotations
 
@@ -114,7 +117,8 @@ def _topk_select_kernel(scores_ptr, index_ptr, slot_ptr, N, P, K, BLOCK: tl.cons
             mask_i = offs_i < N
             s_i = tl.load(row + offs_i, mask=mask_i, other=float("-inf"))
             s_i = tl.where(s_i != s_i, float("-inf"), s_i)
-            beats = (s_i[None, :] > s_j[:, None]) | ((s_i[None, :] == s_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
+            ties = (s_i[None, :] == s_j[:, None]) & (offs_i[None, :] < offs_j[:, None])
+            beats = (s_i[None, :] > s_j[:, None]) | ties
             beats = beats & mask_i[None, :]
             rank += tl.sum(beats.to(tl.int32), axis=1)
         selected = mask_j & ((offs_j < P) | (rank < K))

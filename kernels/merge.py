@@ -387,6 +387,9 @@ def _interpreting() -> bool:
 #: Whether ``@triton.jit`` made interpreted kernels: Triton reads ``TRITON_INTERPRET`` once, when this
 #: module's kernels are decorated, so later changes of the variable do not change what they are.
 _KERNELS_INTERPRETED = _interpreting()
+#: Compiled kernels and a torch with ``triton_op``/``wrap_triton`` (2.6+): launches can be traced.
+_KERNELS_TRACEABLE = (not _KERNELS_INTERPRETED and hasattr(torch.library, "triton_op")
+                      and hasattr(torch.library, "wrap_triton"))
 
 
 def wrap_triton(kernel):
@@ -399,7 +402,7 @@ def wrap_triton(kernel):
     the compiled metadata torch's wrapper needs (torch < 2.12 even rejects it), and the operators are
     then opaque custom ops anyway (see :data:`_define_op`).
     """
-    if _KERNELS_INTERPRETED:
+    if not _KERNELS_TRACEABLE:
         return kernel
     return torch.library.wrap_triton(kernel)
 
@@ -485,10 +488,10 @@ def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, 
 #: How the operators are defined. With compiled kernels: :func:`torch.library.triton_op`, whose
 #: implementation ``torch.compile`` traces into (Inductor sees the Triton launches, CUDA graphs
 #: capture them, no graph break) while ``torch.export`` keeps the operator as one node. Under the
-#: Triton interpreter (``TRITON_INTERPRET=1``, CPU tests): :func:`torch.library.custom_op`, an opaque
-#: operator with the same schema, fake kernel and autograd, because interpreted kernels cannot be
-#: traced (they run on real data only).
-_define_op = torch.library.custom_op if _KERNELS_INTERPRETED else torch.library.triton_op
+#: Triton interpreter (``TRITON_INTERPRET=1``, CPU tests), or with a torch older than 2.6:
+#: :func:`torch.library.custom_op`, an opaque operator with the same schema, fake kernel and autograd,
+#: because interpreted kernels cannot be traced (they run on real data only).
+_define_op = torch.library.triton_op if _KERNELS_TRACEABLE else torch.library.custom_op
 
 
 @_define_op("fastprune::mstm_select_match_triton", mutates_args=())

@@ -425,3 +425,28 @@ def test_gather_scatter_errors():
     with pytest.raises(ValueError, match="must not repeat"):  # bad input leaves x untouched
         _ext.scatter_tokens(x, torch.tensor([[0, 1], [3, 3]]), torch.randn(2, 2, 3), inplace=True)
     assert torch.equal(x, before)
+
+
+@requires_ext
+def test_token_movement_cuda_implementations_match_cpu_kernels():
+    """The CUDA kernels of gather/scatter are plain torch indexing (fastprune/_ext.py); run on CPU
+    tensors they must agree with the C++ kernels and leave their inputs alone."""
+    gen = torch.Generator().manual_seed(9)
+    B, N, C, K = 2, 11, 6, 5
+    x = torch.randn(B, N, C, generator=gen).half()
+    idx = _selection(B, N, K, gen)
+    rep = torch.randint(0, N, (B, 3 * K), generator=gen)
+    src = torch.randn(B, K, C, generator=gen).half()
+    src_rep = torch.randn(B, 3 * K, C, generator=gen).half()
+    before = x.clone()
+    assert torch.equal(_ext._cuda_gather_tokens(x, rep), torch.ops.fastprune.gather_tokens(x, rep))
+    assert torch.equal(_ext._cuda_scatter_tokens(x, idx, src), torch.ops.fastprune.scatter_tokens(x, idx, src))
+    torch.testing.assert_close(_ext._cuda_scatter_add_tokens(x, rep, src_rep),
+                               torch.ops.fastprune.scatter_add_tokens(x, rep, src_rep), atol=1e-3, rtol=1e-3)
+    assert torch.equal(x, before)
+    xf = x.float()
+    _ext._cuda_scatter_add_tokens(xf, rep, src_rep.float())
+    assert torch.equal(xf, before.float())
+    y = x.clone()
+    _ext._cuda_scatter_tokens_inplace(y, idx, src)
+    assert torch.equal(y, torch.ops.fastprune.scatter_tokens(x, idx, src))

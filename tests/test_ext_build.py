@@ -76,3 +76,18 @@ def test_setup_cuda_needs_a_compiler(tmp_path):
     assert "no nvcc found" in done.stderr
     done = _setup_name(tmp_path, CUDA_HOME=str(empty), PATH=path, FASTPRUNE_BUILD_CUDA="1")
     assert done.returncode != 0 and "FASTPRUNE_BUILD_CUDA=1 but no nvcc found" in done.stderr
+
+
+def test_cuda_extension_targets_a100_and_h100():
+    """The default TORCH_CUDA_ARCH_LIST (8.0;9.0+PTX) embeds machine code for sm_80 and sm_90: the fat
+    binary records the ptxas options ("-arch sm_XX") of each cubin."""
+    if os.environ.get("FASTPRUNE_REQUIRE_CUDA_EXT") != "1":
+        pytest.skip("FASTPRUNE_REQUIRE_CUDA_EXT is not 1: the CUDA extension is optional here")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    if "8.0" not in arch_list or "9.0" not in arch_list:
+        pytest.skip(f"TORCH_CUDA_ARCH_LIST={arch_list!r} does not ask for sm_80 and sm_90")
+    spec = importlib.util.find_spec("fastprune._C_cuda")
+    assert spec is not None and spec.origin, "fastprune._C_cuda was not built"
+    data = pathlib.Path(spec.origin).read_bytes()
+    for arch in (b"sm_80", b"sm_90"):
+        assert b"-arch " + arch in data, f"no {arch.decode()} code in {spec.origin}"

@@ -4,7 +4,6 @@ of the timm patch, including one training step."""
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -21,7 +20,8 @@ def make_block(C=48, H=3, qkv_bias=True, qk_norm=False, init_values=None, dtype=
     blk = Block(C, H, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values)
     with torch.no_grad():  # non-trivial LayerNorm affine and biases, so that the fold is really tested
         for name, p in blk.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5) + (1.0 if name.endswith("norm1.weight") else 0.0))
+            shift = 1.0 if name.endswith("norm1.weight") else 0.0
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5) + shift)
     return blk.to(DEVICE, dtype).eval()
 
 
@@ -327,6 +327,7 @@ def test_block_cut_loss_kernel_matches_reference():
     (dict(k=3, cut_loss=True), ValueError, "mask"),
     (dict(k=3, cut_loss=1), TypeError, "cut_loss"),
     (dict(k=3, backend="cuda"), ValueError, "backend"),
+    (dict(k=3, candidates=torch.ones(2, 16, dtype=torch.bool)), ValueError, "candidates"),
 ])
 def test_block_bad_parameters(kwargs, exc, match):
     blk = make_block()
@@ -373,6 +374,38 @@ def test_patched_model_eval_matches_both_forms_and_keeps_token_count():
     patch.revert(model)
     with torch.no_grad():
         assert torch.equal(model(images), base)
+
+
+def test_reselect_off_never_selects_an_idle_token_again():
+    model = make_vit(depth=8).eval()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    selections = {}
+    for reselect in (True, False):
+        patch.timm(model, method="idle", r=0.7, reselect=reselect)
+        with torch.no_grad():
+            x = model._pos_embed(model.patch_embed(images))
+            out = model(images)
+        sel = []
+        record = idle._CUT_LOSSES[patch.state(model)]
+        assert record.selected is not None
+        # replay the blocks to see every layer's selection
+        ks = idle.idle_schedule(0.7, 8, 16)
+        prev = None
+        with torch.no_grad():
+            for blk, k in zip(model.blocks, ks):
+                res = idle.idle_block(blk, x, k, candidates=None if reselect or prev is None else prev)
+                if res.selection is not None:
+                    sel.append(res.selection.keep)
+                    prev = res.selection.keep
+                x = res.x
+            torch.testing.assert_close(model.forward_head(model.norm(x)), out)
+        selections[reselect] = sel
+    assert len(selections[False]) == 6
+    for a, b in zip(selections[False], selections[False][1:]):
+        assert not (b & ~a).any()  # every selected token was selected in the layer before
+    assert any((b & ~a).any() for a, b in zip(selections[True], selections[True][1:]))  # the paper's rule
+    with pytest.raises(TypeError, match="reselect"):
+        patch.timm(model, method="idle", r=0.7, reselect="no")
 
 
 def test_patch_bad_options():

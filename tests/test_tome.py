@@ -108,7 +108,8 @@ def test_matching_structure():
         stays = torch.ones(N, dtype=torch.bool)
         stays[0::2] = ~mt.merged[b]
         kept = pos[stays]
-        expected_order = torch.cat([kept[kept < p], kept[(kept >= p) & (kept % 2 == 0)], kept[(kept >= p) & (kept % 2 == 1)]])
+        expected_order = torch.cat([kept[kept < p], kept[(kept >= p) & (kept % 2 == 0)],
+                                    kept[(kept >= p) & (kept % 2 == 1)]])
         assert torch.equal(idx[expected_order], torch.arange(N - r))
         for a in range(mt.merged.shape[1]):
             if mt.merged[b, a]:
@@ -419,6 +420,22 @@ def test_patch_defaults_and_no_op():
     fpatch.revert(model)
     with torch.no_grad():
         assert torch.equal(model(images), expected)
+
+
+@pytest.mark.parametrize("kwargs,p", [(dict(reg_tokens=4), 5), (dict(reg_tokens=1, no_embed_class=True), 2)])
+def test_patch_keeps_prefix_tokens_in_front(kwargs, p):
+    import fastprune.patch as fpatch
+
+    model = make_vit(**kwargs)
+    images = torch.randn(2, 3, 32, 32)
+    fpatch.timm(model, method="tome", r=4)
+    with torch.no_grad():
+        model(images)
+    st = fpatch.state(model)
+    assert st.num_tokens == [16 + p, 12 + p, 8 + p]
+    assert torch.equal(st.index[:, :p], torch.arange(p).expand(2, p))
+    assert st.index[:, p:].min() >= p
+    torch.testing.assert_close(st.size.sum(1), torch.full((2,), 16.0 + p))
 
 
 def test_patch_schedules():
