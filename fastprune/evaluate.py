@@ -7,14 +7,17 @@ one row per setting::
 
     method | r / keep rate | GFLOPs | FLOPs -% | top-1 | Δ top-1 | top-5 | agree | images/s | speed-up
 
-* GFLOPs per image are counted by :func:`count_gflops` with
+* GFLOPs per image are counted by :func:`setting_gflops` / :func:`count_gflops` with
   :class:`torch.utils.flop_counter.FlopCounterMode` on one image (FLOPs = 2 x multiply-adds of the
   convolutions and matrix products, which is what the counter records; elementwise work, softmax
-  and LayerNorm are not counted, as usual for ViT FLOP figures). Attention is counted whichever path
-  runs: torch's counter has a formula for ``F.scaled_dot_product_attention`` (including the CPU
-  kernel ``aten._scaled_dot_product_flash_attention_for_cpu``, checked on torch 2.11-2.15), and the
-  explicit path is plain ``bmm``/``matmul``. Both give ``4 B H N^2 d`` for ``q k^T`` and ``attn v``.
-  :func:`count_gflops` verifies that the attention FLOPs were actually recorded and raises if not.
+  and LayerNorm are not counted, as usual for ViT FLOP figures), on a float32 CPU copy of the model
+  so the figure does not depend on the device. Attention: the model keeps timm's fused
+  ``F.scaled_dot_product_attention``, and torch's counter has a formula for it, the CPU kernel
+  ``aten._scaled_dot_product_flash_attention_for_cpu`` included (checked on torch 2.15: the count
+  equals the explicit ``q @ k^T`` / ``attn @ v`` path's, ``4 N^2 C`` per block;
+  :func:`count_gflops` raises if a torch version records no attention FLOPs). The token reduction is
+  counted through its PyTorch reference (``backend="reference"``), whose full ``N x N`` cosine
+  similarity is an upper bound on the fused kernels' matching work.
 * top-1 / top-5 are percentages on the images; "agree" is the percentage of images whose top-1
   prediction equals the unreduced model's.
 * images/s are measured over the model forward passes only: the preprocessed batches are decoded
@@ -365,9 +368,11 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
 
     FLOPs are ``2 x`` multiply-adds of convolutions and matrix products (torch's counter). Attention
     is counted whether it runs through ``F.scaled_dot_product_attention`` (torch registers a formula
-    for every SDPA backend, the CPU one included) or through the explicit ``q @ k^T``/``attn @ v``
-    path; the extra work of token reduction (cosine similarity, the ``[B, N, N]`` matching matrix) is
-    counted too, since it is matrix products.
+    for every SDPA backend, the CPU one ``aten._scaled_dot_product_flash_attention_for_cpu``
+    included: checked on torch 2.15, and the counted value equals the explicit path's) or through the
+    explicit ``q @ k^T``/``attn @ v`` path. Work inside compiled custom operators (fastprune's C++ /
+    Triton kernels) is NOT counted by torch's counter: use :func:`setting_gflops`, which counts the
+    token reduction through its PyTorch reference.
 
     Args:
         model: any module taking ``[1, 3, H, W]``.
@@ -377,6 +382,7 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
         GFLOPs (1e9 FLOPs) per image.
 
     Raises:
+        ValueError: ``image`` of the wrong shape.
         RuntimeError: the model has attention blocks but no attention FLOPs were recorded (an SDPA
             kernel the counter does not know; count with the explicit path then).
     """
@@ -394,6 +400,39 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
         raise RuntimeError("no attention FLOPs were counted: this torch's FlopCounterMode does not know the "
                            "attention kernel that ran; disable fused attention to count the explicit path")
     return counter.get_total_flops() / 1e9
+
+
+def setting_gflops(model: torch.nn.Module, setting: Union[Setting, str], image: torch.Tensor) -> float:
+    """GFLOPs per image of ``model`` under ``setting``, the same on every device and backend.
+
+    Counted by :func:`count_gflops` on a float32 CPU copy of the model (so the table's GFLOPs do not
+    depend on where the timing ran: on CUDA, for instance, proportional attention pads the head dim),
+    with the token reduction run by its PyTorch reference (``backend="reference"`` when the method
+    takes that option) so that its matrix products are visible to torch's counter. The reference
+    computes the full ``[N, N]`` cosine-similarity matrix where the fused kernels only compare the
+    tokens that are merged away with the kept ones, so the reduction's cost is an upper bound and
+    the FLOP savings are, if anything, understated.
+
+    Args:
+        model: the (unpatched) timm model; not modified.
+        setting: a :class:`Setting` or its text form.
+        image: one preprocessed image ``[3, H, W]`` or ``[1, 3, H, W]`` (any device and dtype).
+
+    Returns:
+        GFLOPs (1e9 FLOPs) per image.
+    """
+    import copy
+
+    if isinstance(setting, str):
+        setting = parse_setting(setting)
+    counted = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
+    image = image.to(device="cpu", dtype=torch.float32)
+    if setting.reduces:
+        from . import patch
+
+        _patch(counted, Setting(setting.method, setting.r, {"backend": "reference", **setting.options},
+                                setting.text))
+    return count_gflops(counted, image)
 
 
 def _sync(device: torch.device) -> None:
@@ -428,7 +467,14 @@ def _patch(model: torch.nn.Module, setting: Setting) -> None:
                 importlib.import_module(f"{__package__}.{setting.method}")
             except ImportError:
                 pass
-        patch.timm(model, method=setting.method, r=setting.r, **setting.options)
+        try:
+            patch.timm(model, method=setting.method, r=setting.r, **setting.options)
+        except TypeError:
+            if "backend" not in setting.options or setting.options["backend"] != "reference":
+                raise
+            # the method has no backend option (it runs plain PyTorch): count it as it is
+            options = {k: v for k, v in setting.options.items() if k != "backend"}
+            patch.timm(model, method=setting.method, r=setting.r, **options)
 
 
 def _revert(model: torch.nn.Module, setting: Setting) -> None:
@@ -481,11 +527,10 @@ def evaluate_settings(model: torch.nn.Module, images: Images, settings: Sequence
     device = param.device if device is None else torch.device(device)
     dtype = param.dtype if dtype is None else dtype
     batches = [b.to(device=device, dtype=dtype) for b in images.batches]
-    gflops = []
+    gflops = [setting_gflops(model, setting, images.batches[0][:1]) for setting in settings]
     for setting in settings:
         _patch(model, setting)
         try:
-            gflops.append(count_gflops(model, batches[0][:1]))
             with torch.inference_mode():
                 for _ in range(warmup):
                     model(batches[0])

@@ -33,7 +33,7 @@ from . import _checks
 from .functional import _resolve_backend
 from .reference import WEIGHT_EPS, Merged, compute_dtype, output_slots, topk_keep_mask
 
-__all__ = ["evit_tokens", "evit", "evit_reference", "kept_count", "check_keep_rate",
+__all__ = ["evit_tokens", "evit", "evit_reference", "kept_count", "check_keep_rate", "true_positions",
            "DEFAULT_KEEP_RATE", "DEFAULT_LAYERS"]
 
 #: EViT's reduction layers (0-based block indices) and keep rate for DeiT/ViT with 12 blocks.
@@ -64,6 +64,16 @@ def kept_count(num_tokens: int, num_prefix_tokens: int, keep_rate: float) -> int
     """
     n = num_tokens - num_prefix_tokens
     return max(1, min(n, math.ceil(keep_rate * n - _CEIL_TOL)))
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, count]`` int64: the positions where each row of ``mask`` is True, ascending.
+
+    Every row must hold exactly ``count`` True entries. A stable sort of the mask rather than
+    ``nonzero()``, so that the shape is known without looking at the data (``torch.compile`` with
+    ``fullgraph=True`` and ``torch.export`` trace it).
+    """
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
 
 
 def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
@@ -107,10 +117,11 @@ def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
         a = a / a.sum(dim=1, keepdim=True).clamp_min(WEIGHT_EPS)
     xf = x.to(dtype)
     fused = (a[..., None] * xf).sum(dim=1, keepdim=True)  # [B, 1, C]
-    kept = xf[keep].view(B, p + K, C)  # boolean indexing keeps the original order
+    kept_idx = true_positions(keep, p + K)  # prefix and attentive tokens, in their original order
+    kept = xf.gather(1, kept_idx[..., None].expand(B, p + K, C))
     x_out = torch.cat([kept, fused], dim=1).to(x.dtype)
 
-    size_out = torch.cat([size[keep].view(B, p + K), (size * ~keep).sum(dim=1, keepdim=True)], dim=1)
+    size_out = torch.cat([size.gather(1, kept_idx), (size * ~keep).sum(dim=1, keepdim=True)], dim=1)
     index = output_slots(keep).masked_fill(~keep, p + K)  # every fused token goes to slot p + K
     return Merged(x_out, size_out, index)
 
@@ -313,8 +324,10 @@ def register_with_patch() -> None:
     * ``layers=(3, 6, 9)``: the reducing blocks (a tuple of 0-based indices, or ``"3,6,9"``);
     * ``normalize=False``: fuse with weights ``a_i / sum a`` instead of the paper's ``a_i``;
     * ``backend="auto"`` (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``;
-    * the common ``prop_attn`` (on by default: the fused token's size enters the attention as
-      ``log size``) and ``prop_attn_impl``.
+    * the common ``prop_attn`` (on by default for every method: the fused token's size enters the
+      attention as ``log size``) and ``prop_attn_impl``. The paper has no proportional attention, and
+      off the shelf EViT does much better without it: on the project's 500-image sample at ``r = 0.7``,
+      ViT-Ti loses 23.4 top-1 points with it and 2.8 with ``prop_attn=False``.
     """
     from . import patch
 

@@ -48,7 +48,7 @@ from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
 from .attention import PROP_ATTN_IMPLS, cls_attention, proportional_attention
-from .functional import merge_tokens
+from .functional import BACKENDS as MERGE_BACKENDS, merge_tokens
 
 __all__ = [
     "timm", "revert", "state", "is_patched", "reduction_schedule", "register_method", "available_methods",
@@ -359,6 +359,8 @@ def _merge_validate(options: Mapping[str, Any]) -> None:
         raise ValueError(f"metric must be one of {MERGE_METRICS}, got {options['metric']!r}")
     if options["weight"] not in MERGE_WEIGHTS:
         raise ValueError(f"weight must be one of {MERGE_WEIGHTS}, got {options['weight']!r}")
+    if options["backend"] not in MERGE_BACKENDS:
+        raise ValueError(f"backend must be one of {MERGE_BACKENDS}, got {options['backend']!r}")
 
 
 def _merge_needs(options: Mapping[str, Any]) -> frozenset:
@@ -370,13 +372,14 @@ def _merge_reducer(x: torch.Tensor, ctx: ReductionContext) -> tuple:
     kept token; see :func:`fastprune.merge_tokens`."""
     metric = ctx.keys if ctx.options["metric"] == "keys" else x
     merged = merge_tokens(x, ctx.cls_attn, ctx.r, size=ctx.size, metric=metric,
-                          num_prefix_tokens=ctx.num_prefix_tokens, weight=ctx.options["weight"])
+                          num_prefix_tokens=ctx.num_prefix_tokens, weight=ctx.options["weight"],
+                          backend=ctx.options["backend"])
     return merged.x, merged.size, merged.index
 
 
 # Defaults are provisional (to be tuned on real data): keys as ToMe's metric, size-weighted average.
-register_method("merge", _merge_reducer, needs=_merge_needs, defaults={"metric": "keys", "weight": "size"},
-                validate=_merge_validate)
+register_method("merge", _merge_reducer, needs=_merge_needs,
+                defaults={"metric": "keys", "weight": "size", "backend": "auto"}, validate=_merge_validate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,9 +747,10 @@ def timm(model: nn.Module, method: str = "merge", r: RSpec = 0, **options) -> nn
 
     * ``"merge"``: MSTM (Bian et al., 2023) -- the ``r`` tokens with the least class attention (softmax
       form, with the ``log size`` bias when ``prop_attn``) are merged into their most cosine-similar
-      kept token (:func:`fastprune.merge_tokens`; Triton on CUDA, the PyTorch reference on CPU).
+      kept token (:func:`fastprune.merge_tokens`; Triton on CUDA, C++ or the PyTorch reference on CPU).
       Options: ``metric="keys"`` (head-mean of the keys, ToMe's choice) or ``"x"``; ``weight="size"``
-      (size-weighted average) or ``"size_attn"`` (size x class attention). Defaults are provisional.
+      (size-weighted average) or ``"size_attn"`` (size x class attention); ``backend="auto"`` (see
+      :func:`fastprune.merge_tokens`). Defaults are provisional.
 
     Options for every method: ``prop_attn=True`` (proportional attention, on for off-the-shelf models),
     ``prop_attn_impl="auto"`` (``"column"``/``"mask"``, see

@@ -398,9 +398,10 @@ def wrap_triton(kernel):
     Inside a :func:`torch.library.triton_op` this makes the launch visible to ``torch.compile``
     (Inductor schedules the kernel itself, CUDA graphs capture it) and to ``make_fx``; in a plain
     eager call of the op, torch hands back the kernel unchanged. Under the Triton interpreter
-    (``TRITON_INTERPRET=1``) the kernel is returned as it is: an interpreted kernel carries none of
-    the compiled metadata torch's wrapper needs (torch < 2.12 even rejects it), and the operators are
-    then opaque custom ops anyway (see :data:`_define_op`).
+    (``TRITON_INTERPRET=1``), or with a torch older than 2.6, the kernel is returned as it is: an
+    interpreted kernel carries none of the compiled metadata torch's wrapper needs (older torch
+    releases reject it outright), and the operators are then opaque custom ops anyway (see
+    :data:`_define_op`).
     """
     if not _KERNELS_TRACEABLE:
         return kernel
@@ -412,7 +413,8 @@ def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
     """Launch 1: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
 
     ``traceable=True`` launches through :func:`wrap_triton` (inside the operators); False launches
-    the kernel directly (plain eager callers).
+    the kernel directly, for plain eager callers outside an operator (``kernels/bat.py``'s autograd
+    Function): there torch's wrapper would send every launch through a higher-order op.
     """
     B, N, CM = metric.shape
     index = torch.empty(B, N, dtype=torch.int64, device=metric.device)

@@ -112,11 +112,11 @@ def test_hand_computed_example():
 
 
 def test_counts_and_clipping():
-    assert bat_plan(197, 1, 0.7) == BATCounts(K=138, r=4, c=5, k=5)  # 140 tokens out, as EViT
+    assert bat_plan(197, 1, 0.7) == BATCounts(K=138, r=9, c=10, k=5)  # 140 tokens out, as EViT
     assert bat_plan(197, 1, 0.7).output_tokens(1) == 140
     assert bat_plan(10, 1, 0.7, num_clusters=50) == BATCounts(K=7, r=1, c=2, k=1)  # c clipped to N - p - K
     assert bat_plan(10, 1, 0.7, num_pairs=9) == BATCounts(K=7, r=3, c=2, k=1)  # r clipped to K // 2
-    assert bat_plan(10, 1, 0.01) == BATCounts(K=1, r=0, c=5, k=5)  # one attentive token: nothing to match
+    assert bat_plan(10, 1, 0.01) == BATCounts(K=1, r=0, c=8, k=5)  # one attentive token: nothing to match
     assert bat_plan(10, 1, 1.0) == BATCounts(K=9, r=0, c=0, k=0)  # keep rate 1: a no-op
 
 

@@ -34,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import fastprune
 import fastprune.patch as fp
+from fastprune import _ext
 from conftest import DEVICE
 
 #: Options given to ``fastprune.patch.timm`` per method (the model has 17 tokens and 3 blocks).
@@ -46,11 +47,7 @@ METHOD_CONFIGS = {
 }
 #: Methods whose patched model does not compile yet, and why. Their compile test is a strict xfail
 #: (it fails once the method compiles: then delete the entry); training and export tests are skipped.
-NOT_YET_COVERED = {
-    "bat": "fastprune/bat.py's reference path takes the inattentive/attentive positions with "
-           "mask.nonzero() (_positions), a data-dependent shape: Dynamo cannot trace the cdist that "
-           "follows (use a stable sort of the mask and keep the first K, as fastprune/idle.py does)",
-}
+NOT_YET_COVERED: dict = {}
 #: Every registered method; unknown ones get a keep rate.
 METHODS = sorted(set(fp.available_methods()) | set(METHOD_CONFIGS))
 
@@ -59,6 +56,7 @@ def _covered(methods):
     """``methods`` as parameters, those in :data:`NOT_YET_COVERED` skipped with the reason."""
     return [pytest.param(m, marks=pytest.mark.skip(reason=f"not yet covered: {NOT_YET_COVERED[m]}"))
             if m in NOT_YET_COVERED else m for m in methods]
+
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -103,7 +101,8 @@ def _assert_same_state(got, want):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=f"not yet covered: {NOT_YET_COVERED[m]}"))
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=f"not yet covered: {NOT_YET_COVERED[m]}",
+                                            raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)))
     if m in NOT_YET_COVERED else m for m in METHODS])
 def test_fullgraph_one_graph_same_logits(method):
     """fullgraph=True raises on any graph break; the counting backend sees exactly one graph."""
@@ -170,6 +169,29 @@ def test_export_matches_eager(method):
     x2 = _images()
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", "triton",
+    pytest.param("cpp", marks=pytest.mark.skipif(not _ext.available(), reason="C++ extension not built"))])
+def test_merge_backends_compile_and_export(backend):
+    """The patched model with each CPU merge backend: the PyTorch reference, the Triton operators
+    (interpreted on CPU) and the C++ operator (what "auto" picks on CPU when it is built)."""
+    model = _patched("merge", backend=backend)
+    x = _images()
+    with torch.no_grad():
+        want = model(x)
+        want_state = _state(model)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        _assert_same_state(_state(model), want_state)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    if backend == "triton":
+        assert torch.ops.fastprune.mstm_weighted_merge_triton.default in targets
+    elif backend == "cpp":
+        assert torch.ops.fastprune.mstm_merge.default in targets
 
 
 def test_export_dynamic_batch():

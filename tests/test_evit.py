@@ -1,10 +1,7 @@
 """EViT (Liang et al., ICLR 2022): the reference's semantics, the fused Triton kernels against it (values
 and gradients, through the interpreter on CPU), and ``method="evit"`` of the timm patch.
 """
-import math
-
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
