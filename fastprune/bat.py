@@ -351,12 +351,6 @@ def _bat_reducer(x: torch.Tensor, ctx) -> tuple:
     return out.x, out.size, out.index
 
 
-def _bat_block_forward(block, x: torch.Tensor, ctx) -> tuple:
-    from .evit import reduction_block_forward
-
-    return reduction_block_forward(block, x, ctx, _bat_output_tokens)
-
-
 def _bat_validate(options) -> None:
     from .evit import _validate_common
 
@@ -374,7 +368,8 @@ def _bat_needs(options) -> frozenset:
 
 
 def register_with_patch() -> None:
-    """Register ``method="bat"`` with :func:`fastprune.patch.timm` (done when this module is imported).
+    """Register ``method="bat"`` with :func:`fastprune.patch.timm` (done when :mod:`fastprune.patch`
+    is first imported; importing this module alone does not import timm).
 
     ``fastprune.patch.timm(model, method="bat", r=0.7)``: BAT (Long et al., CVPR 2023) with the paper's
     schedule -- at blocks 3, 6 and 9 (0-based; 4, 7, 10 in the paper), after the attention residual,
@@ -392,11 +387,9 @@ def register_with_patch() -> None:
       ``log size``) and ``prop_attn_impl``.
     """
     from . import patch
-    from .evit import _patch_schedule_for
+    from .evit import _patch_schedule_for, patch_block_r
 
     if "bat" not in patch.available_methods():
-        patch.register_method("bat", _bat_reducer, block_forward=_bat_block_forward, needs=_bat_needs,
-                              defaults=PATCH_DEFAULTS, validate=_bat_validate, schedule=_patch_schedule_for("bat"))
+        patch.register_method("bat", _bat_reducer, needs=_bat_needs, defaults=PATCH_DEFAULTS, validate=_bat_validate,
+                              schedule=_patch_schedule_for("bat"), block_r=patch_block_r("bat", _bat_output_tokens))
 
-
-register_with_patch()

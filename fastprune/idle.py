@@ -46,8 +46,9 @@ Choices (``METHODS.md`` leaves them open):
 timm patch, ``fastprune.patch.timm(model, method="idle", r=0.7)``: ``r`` a float is the keep rate
 ``rho`` of the schedule above; an int ``r`` idles ``r`` tokens in every block, a list of ``depth``
 ints ``r[l]`` in block ``l`` (:func:`idle_schedule`). The token count never changes, so the patch
-state's ``num_tokens`` stays ``N`` (and its ``r_applied`` is the patch's generic count, not
-IdleViT's: use :func:`idle_schedule`). Options:
+state's ``num_tokens`` stays ``N``; its ``r_applied`` (and :func:`fastprune.patch.reduction_schedule`)
+give the tokens each block leaves idle, ``N0 - K_l`` (``[0, 0, 0, 59, 59, 59, 100, 100, 100, 129, 129,
+129]`` for ``r = 0.7`` and 196 patches). Options:
 
 * ``form="auto"``: the mask form while the model is in training mode, the gather form in eval mode;
   ``"gather"`` / ``"mask"`` force one.
@@ -662,6 +663,14 @@ def _idle_validate(options) -> None:
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {options['backend']!r}")
 
 
+def _idle_block_r(sctx) -> int:
+    """``method="idle"``'s ``block_r`` hook: the tokens block ``l`` leaves idle, ``N0 - K_l`` with
+    ``K_l`` from :func:`idle_schedule` (``N0`` = the patch count), so that the patch state's
+    ``r_applied`` and :func:`fastprune.patch.reduction_schedule` show IdleViT's real counts."""
+    k = idle_schedule(sctx.r, sctx.depth, sctx.num_patches)[sctx.block_index]
+    return sctx.num_patches - k
+
+
 def _idle_block_forward(block: nn.Module, x: torch.Tensor, ctx) -> tuple:
     """``method="idle"``'s block forward for :func:`fastprune.patch.timm` (see :func:`idle_block`)."""
     st = ctx.state
@@ -670,8 +679,7 @@ def _idle_block_forward(block: nn.Module, x: torch.Tensor, ctx) -> tuple:
         raise ValueError("method 'idle' ranks tokens by the class token's attention: the model needs a class token")
     if ctx.block_index == 0 or st not in _CUT_LOSSES:
         _CUT_LOSSES[st] = _ForwardCutLoss()
-    _check_keep_spec(st.r, st.depth)  # patch validated the general form; the float is idle's keep rate
-    k = idle_schedule(st.r, st.depth, x.shape[1] - p)[ctx.block_index]
+    k = x.shape[1] - p - ctx.r  # ctx.r: the tokens this block idles, from _idle_block_r
     options = ctx.options
     form = options["form"]
     if form == "auto":
@@ -717,13 +725,12 @@ def cut_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack([v.float() for v in record.losses.values()]).mean()
 
 
-def _register() -> None:
+def register_with_patch() -> None:
+    """Register ``method="idle"`` with :func:`fastprune.patch.timm` (done when ``fastprune.patch`` is
+    first imported). See the module docstring for ``r`` and the options."""
     from . import patch
 
     if "idle" not in patch.available_methods():
         patch.register_method("idle", block_forward=_idle_block_forward,
                               defaults={"form": "auto", "cut_loss": True, "reselect": True, "backend": "auto"},
-                              validate=_idle_validate)
-
-
-_register()
+                              validate=_idle_validate, block_r=_idle_block_r, removes_tokens=False)

@@ -25,7 +25,9 @@ the head-mean of the keys (ToMe's matching metric).
 Methods are a small registry (:func:`register_method`): a *reducer* gets the tokens after the
 attention residual and a :class:`ReductionContext` and returns ``(x, size, index)``; a method may
 instead supply a whole *block forward* (IdleViT-style methods that send only some tokens through the
-block). Built in: ``"merge"`` (MSTM, Bian et al. 2023, via :func:`fastprune.merge_tokens`).
+block). Built in: ``"merge"`` (MSTM, Bian et al. 2023, via :func:`fastprune.merge_tokens`), and from
+their own modules, registered when this module is first imported: ``"tome"`` (:mod:`fastprune.tome`),
+``"evit"`` (:mod:`fastprune.evit`), ``"bat"`` (:mod:`fastprune.bat`), ``"idle"`` (:mod:`fastprune.idle`).
 
 Per-forward state (reset by every ``forward_features`` / ``forward`` / ``forward_intermediates``) is a
 :class:`PatchState` at ``model._fastprune``, also returned by :func:`state`: token sizes, the composed
@@ -48,11 +50,13 @@ from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
 from .attention import PROP_ATTN_IMPLS, cls_attention, proportional_attention
+from .evit import kept_count as _evit_kept_count
 from .functional import BACKENDS as MERGE_BACKENDS, merge_tokens
 
 __all__ = [
     "timm", "revert", "state", "is_patched", "reduction_schedule", "register_method", "available_methods",
-    "attention_forward", "AttentionOutput", "ReductionContext", "Method", "PatchState", "NEEDS",
+    "attention_forward", "AttentionOutput", "ReductionContext", "ScheduleContext", "Method", "PatchState",
+    "NEEDS", "COMMON_OPTIONS",
 ]
 
 #: What a method can ask the patched attention for (``needs`` of :func:`register_method`):
@@ -62,7 +66,8 @@ __all__ = [
 #: ``"keys"`` the head-mean of the keys ``[B, N, d]`` after k norm (ToMe's matching metric).
 NEEDS = frozenset({"cls_attn", "cls_attn_logits", "keys"})
 
-#: Options every method accepts, with their defaults.
+#: Options every method accepts, with their defaults (a method's ``defaults`` may change the default
+#: for that method, see :func:`register_method`).
 COMMON_OPTIONS = MappingProxyType({"prop_attn": True, "prop_attn_impl": "auto"})
 
 #: Oldest timm whose ``VisionTransformer``/``Block``/``Attention`` layout this module follows.
@@ -172,7 +177,9 @@ class ReductionContext:
     Attributes:
         block: the patched timm ``Block`` module (its ``attn``, ``norm1``, ``ls1``, ``mlp``... are there).
         block_index: 0-based index of the block.
-        r: tokens this block must remove (from the schedule, already clipped to the method's maximum).
+        r: tokens this block must remove (from the schedule or the method's ``block_r``, already
+            clipped to the method's ``max_r``); for a method registered with ``removes_tokens=False``
+            (IdleViT) the tokens this block leaves idle.
         num_prefix_tokens: ``p``, leading tokens never reduced (class, distillation, register tokens).
         size: ``[B, N]`` float32 token sizes entering the block (ones until something was merged).
         size_is_ones: True while nothing has been reduced in this forward (``size`` is all ones);
@@ -212,6 +219,50 @@ Reducer = Callable[[torch.Tensor, ReductionContext], tuple]
 BlockForward = Callable[[nn.Module, torch.Tensor, ReductionContext], tuple]
 
 
+@dataclass(frozen=True)
+class ScheduleContext:
+    """What a method's ``block_r`` hook (see :func:`register_method`) is told about one block.
+
+    The same object is built by the patched forward (before the block runs) and by
+    :func:`reduction_schedule` (which simulates the forward without running it), so a method's
+    per-block ``r`` and the schedule it reports always agree.
+
+    Attributes:
+        r: the patch's ``r`` as validated (int, float keep rate or tuple of ints), after the method's
+            ``schedule`` rewrite.
+        block_index: 0-based index of the block.
+        depth: number of blocks.
+        num_tokens: ``N_l``, tokens entering this block (prefix tokens included).
+        num_patches: ``N_0 - p``, the non-prefix tokens entering the first block (196 for a /16 ViT
+            at 224 px), whatever earlier blocks removed.
+        num_prefix_tokens: ``p``.
+        options: the method's resolved options (do not modify).
+    """
+
+    r: Any
+    block_index: int
+    depth: int
+    num_tokens: int
+    num_patches: int
+    num_prefix_tokens: int
+    options: Mapping[str, Any]
+
+    @property
+    def generic_r(self) -> int:
+        """The generic schedule's ``r`` for this block (not yet clipped to ``max_r``): ``r`` for an int,
+        ``r[l]`` for a list, ``n - ceil(rho * n)`` with ``n = N_l - p`` for a keep rate ``rho``."""
+        if isinstance(self.r, float):
+            n = self.num_tokens - self.num_prefix_tokens
+            return n - _keep_count(self.r, n)
+        if isinstance(self.r, tuple):
+            return self.r[self.block_index]
+        return int(self.r)
+
+
+#: ``block_r(ScheduleContext) -> int``: a method's own number of tokens block ``l`` removes (or idles).
+BlockR = Callable[[ScheduleContext], int]
+
+
 def _default_max_r(num_tokens: int, num_prefix_tokens: int) -> int:
     """At least one non-prefix token stays."""
     return max(num_tokens - num_prefix_tokens - 1, 0)
@@ -229,6 +280,8 @@ class Method:
     validate: Optional[Callable[[Mapping[str, Any]], None]]
     max_r: Callable[[int, int], int]
     schedule: Optional[Callable[[Any, int, Mapping[str, Any]], Any]] = None
+    block_r: Optional[BlockR] = None
+    removes_tokens: bool = True
 
     def __copy__(self) -> "Method":  # registry entries are singletons: copies of a model share them
         return self
@@ -253,6 +306,7 @@ def register_method(name: str, reducer: Optional[Reducer] = None, *,
                     validate: Optional[Callable[[Mapping[str, Any]], None]] = None,
                     max_r: Optional[Callable[[int, int], int]] = None,
                     schedule: Optional[Callable[[Any, int, Mapping[str, Any]], Any]] = None,
+                    block_r: Optional[BlockR] = None, removes_tokens: bool = True,
                     replace: bool = False) -> Method:
     """Register a token-reduction method for :func:`timm`, without touching the block code.
 
@@ -272,7 +326,9 @@ def register_method(name: str, reducer: Optional[Reducer] = None, *,
     * ``needs``: subset of :data:`NEEDS`, or a function of the options returning one (e.g. the keys
       only when ``metric="keys"``).
     * ``defaults``: the method's own options and their defaults; any other keyword given to
-      :func:`timm` (besides :data:`COMMON_OPTIONS`) is an error. ``validate(options)`` raises
+      :func:`timm` (besides :data:`COMMON_OPTIONS`) is an error. ``defaults`` may also set the
+      common options (``prop_attn``, ``prop_attn_impl``) to this method's own default, e.g. EViT's
+      ``prop_attn=False``; the user's keywords still override them. ``validate(options)`` raises
       ``ValueError``/``TypeError`` for bad values.
     * ``max_r(num_tokens, num_prefix_tokens)``: the largest ``r`` a block may remove (schedules are
       clipped to it); default ``num_tokens - num_prefix_tokens - 1`` (one non-prefix token stays).
@@ -280,6 +336,18 @@ def register_method(name: str, reducer: Optional[Reducer] = None, *,
     * ``schedule(r, depth, options) -> r``: rewrites the validated ``r`` given to :func:`timm` once, at
       patch time, into another ``r`` form (e.g. ToMe's ``schedule="decreasing"`` option turns an int
       into a per-block list); the result is validated again. None: ``r`` is used as given.
+    * ``block_r(sctx) -> int``: the method's own per-block ``r``, for schedules the generic forms
+      cannot express (EViT/BAT: a keep rate at a few layers only, with the method's own output token
+      count; MSTM's ``schedule="paper"``; IdleViT's ``N0 * rho^stage``). ``sctx`` is a
+      :class:`ScheduleContext` (the patch's ``r``, the block index, depth, the tokens entering the
+      block, the first block's patch count, ``p`` and the options); the result is clipped to
+      ``[0, max_r]`` and is what the block's reducer or block forward gets as ``ctx.r``, what
+      :attr:`PatchState.r_applied` records and what :func:`reduction_schedule` reports.
+      ``sctx.generic_r`` is the generic rule, for hooks that change only some cases. None: the
+      generic rule (see :func:`timm`).
+    * ``removes_tokens``: False for methods that never change the token count (IdleViT idles
+      tokens): ``r`` is then the number of tokens a block leaves idle, and :func:`reduction_schedule`
+      does not subtract it from the tokens the next block sees.
 
     Args:
         name: method name used in ``fastprune.patch.timm(model, method=name)``.
@@ -289,10 +357,11 @@ def register_method(name: str, reducer: Optional[Reducer] = None, *,
         The registered :class:`Method`.
 
     Raises:
-        TypeError: ``name`` not a str, ``reducer``/``block_forward``/``validate``/``max_r`` not callable.
+        TypeError: ``name`` not a str, ``reducer``/``block_forward``/``validate``/``max_r``/``schedule``/
+            ``block_r`` not callable, ``removes_tokens`` not a bool.
         ValueError: neither ``reducer`` nor ``block_forward`` given, ``name`` already registered and
-            ``replace`` is False, unknown ``needs`` entries, option names clashing with
-            :data:`COMMON_OPTIONS`.
+            ``replace`` is False, unknown ``needs`` entries, a bad ``prop_attn_impl`` default
+            (TypeError for a ``prop_attn`` default that is not a bool).
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
@@ -301,19 +370,19 @@ def register_method(name: str, reducer: Optional[Reducer] = None, *,
     if reducer is None and block_forward is None:
         raise ValueError("register_method needs a reducer, a block_forward, or both")
     for arg, value in (("reducer", reducer), ("block_forward", block_forward), ("validate", validate),
-                       ("max_r", max_r), ("schedule", schedule)):
+                       ("max_r", max_r), ("schedule", schedule), ("block_r", block_r)):
         if value is not None and not callable(value):
             raise TypeError(f"{arg} must be callable, got {type(value).__name__}")
+    if not isinstance(removes_tokens, bool):
+        raise TypeError(f"removes_tokens must be a bool, got {type(removes_tokens).__name__}")
     if not callable(needs):
         needs = frozenset(needs)
         if not needs <= NEEDS:
             raise ValueError(f"needs must be a subset of {sorted(NEEDS)}, got {sorted(needs)}")
     defaults = dict(defaults or {})
-    clash = set(defaults) & set(COMMON_OPTIONS)
-    if clash:
-        raise ValueError(f"option names {sorted(clash)} are reserved for every method")
+    _check_common_options({**COMMON_OPTIONS, **defaults}, where=f"method {name!r}'s defaults: ")
     method = Method(name, reducer, block_forward, needs, MappingProxyType(defaults), validate,
-                    max_r or _default_max_r, schedule)
+                    max_r or _default_max_r, schedule, block_r, removes_tokens)
     _METHODS[name] = method
     return method
 
@@ -333,16 +402,21 @@ def _get_method(method) -> Method:
     return _METHODS[method]
 
 
+def _check_common_options(options: Mapping[str, Any], where: str = "") -> None:
+    """The values of :data:`COMMON_OPTIONS` in ``options``: ``prop_attn`` a bool, ``prop_attn_impl`` known."""
+    if not isinstance(options["prop_attn"], bool):
+        raise TypeError(f"{where}prop_attn must be a bool, got {options['prop_attn']!r}")
+    if options["prop_attn_impl"] not in PROP_ATTN_IMPLS:
+        raise ValueError(f"{where}prop_attn_impl must be one of {PROP_ATTN_IMPLS}, got {options['prop_attn_impl']!r}")
+
+
 def _resolve_options(method: Method, options: Mapping[str, Any]) -> Mapping[str, Any]:
     unknown = set(options) - set(COMMON_OPTIONS) - set(method.defaults)
     if unknown:
         raise TypeError(f"unexpected option(s) {sorted(unknown)} for method {method.name!r}; "
                         f"accepted: {sorted(set(COMMON_OPTIONS) | set(method.defaults))}")
     resolved = {**COMMON_OPTIONS, **method.defaults, **options}
-    if not isinstance(resolved["prop_attn"], bool):
-        raise TypeError(f"prop_attn must be a bool, got {resolved['prop_attn']!r}")
-    if resolved["prop_attn_impl"] not in PROP_ATTN_IMPLS:
-        raise ValueError(f"prop_attn_impl must be one of {PROP_ATTN_IMPLS}, got {resolved['prop_attn_impl']!r}")
+    _check_common_options(resolved)
     if method.validate is not None:
         method.validate(resolved)
     return resolved
@@ -352,6 +426,14 @@ def _resolve_options(method: Method, options: Mapping[str, Any]) -> Mapping[str,
 
 MERGE_METRICS = ("keys", "x")
 MERGE_WEIGHTS = ("size", "size_attn")
+#: ``schedule`` option of ``method="merge"``: None (``r`` as given: an int, a per-block list or a keep
+#: rate in every block) or ``"paper"`` (:data:`MSTM_PAPER_LAYERS` with a keep rate).
+MERGE_SCHEDULES = (None, "paper")
+#: Blocks (0-based) that merge with ``schedule="paper"`` -- a choice: the MSTM paper does not state its
+#: layers in METHODS.md; these are EViT's and BAT's, the methods it compares against.
+MSTM_PAPER_LAYERS = (3, 6, 9)
+#: Keep rate of ``schedule="paper"`` when ``r`` is left at 0.
+MSTM_PAPER_KEEP_RATE = 0.7
 
 
 def _merge_validate(options: Mapping[str, Any]) -> None:
@@ -361,6 +443,34 @@ def _merge_validate(options: Mapping[str, Any]) -> None:
         raise ValueError(f"weight must be one of {MERGE_WEIGHTS}, got {options['weight']!r}")
     if options["backend"] not in MERGE_BACKENDS:
         raise ValueError(f"backend must be one of {MERGE_BACKENDS}, got {options['backend']!r}")
+    if options["schedule"] not in MERGE_SCHEDULES:
+        raise ValueError(f"schedule must be one of {MERGE_SCHEDULES}, got {options['schedule']!r}")
+
+
+def _merge_schedule(r: RSpec, depth: int, options: Mapping[str, Any]) -> RSpec:
+    """``schedule="paper"``: ``r`` must be a float keep rate (0, timm's default, means
+    :data:`MSTM_PAPER_KEEP_RATE`) and the model deep enough for :data:`MSTM_PAPER_LAYERS`."""
+    if options["schedule"] != "paper":
+        return r
+    if isinstance(r, int) and r == 0:
+        r = MSTM_PAPER_KEEP_RATE
+    if not isinstance(r, float):
+        raise TypeError(f"schedule='paper' takes r = a float keep rate in (0, 1] (default "
+                        f"{MSTM_PAPER_KEEP_RATE}), got {r!r}")
+    if depth <= max(MSTM_PAPER_LAYERS):
+        raise ValueError(f"schedule='paper' merges at blocks {MSTM_PAPER_LAYERS}; the model has {depth} blocks")
+    return r
+
+
+def _merge_block_r(sctx: ScheduleContext) -> int:
+    """``schedule="paper"``: at :data:`MSTM_PAPER_LAYERS`, leave EViT's token count ``p + K + 1``
+    (``K = ceil(rho (N - p))``); elsewhere, and with ``schedule=None``, the generic rule."""
+    if sctx.options["schedule"] != "paper":
+        return sctx.generic_r
+    if sctx.block_index not in MSTM_PAPER_LAYERS:
+        return 0
+    n = sctx.num_tokens - sctx.num_prefix_tokens
+    return max(0, n - _evit_kept_count(sctx.num_tokens, sctx.num_prefix_tokens, sctx.r) - 1)
 
 
 def _merge_needs(options: Mapping[str, Any]) -> frozenset:
@@ -379,7 +489,8 @@ def _merge_reducer(x: torch.Tensor, ctx: ReductionContext) -> tuple:
 
 # Defaults are provisional (to be tuned on real data): keys as ToMe's metric, size-weighted average.
 register_method("merge", _merge_reducer, needs=_merge_needs,
-                defaults={"metric": "keys", "weight": "size", "backend": "auto"}, validate=_merge_validate)
+                defaults={"metric": "keys", "weight": "size", "backend": "auto", "schedule": None},
+                validate=_merge_validate, schedule=_merge_schedule, block_r=_merge_block_r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,53 +534,60 @@ def _check_r(r, depth: int) -> RSpec:
     raise TypeError(f"r must be an int, a float keep rate in (0, 1] or a list of ints, got {type(r).__name__}")
 
 
-def _block_r(r: RSpec, block_index: int, num_tokens: int, num_prefix_tokens: int,
-             max_r: Callable[[int, int], int]) -> int:
-    """The number of tokens block ``block_index`` removes when ``num_tokens`` enter it."""
-    n = num_tokens - num_prefix_tokens
-    if isinstance(r, float):
-        want = n - _keep_count(r, n)
-    elif isinstance(r, tuple):
-        want = r[block_index]
-    else:
-        want = r
-    return max(0, min(want, max_r(num_tokens, num_prefix_tokens)))
+def _block_r(method: Method, sctx: ScheduleContext) -> int:
+    """The number of tokens block ``sctx.block_index`` removes (or idles): the method's ``block_r``
+    or the generic rule, clipped to ``[0, max_r]``."""
+    want = method.block_r(sctx) if method.block_r is not None else sctx.generic_r
+    if isinstance(want, bool) or not isinstance(want, numbers.Integral):
+        raise TypeError(f"method {method.name!r}: block_r must return an int, got {type(want).__name__}")
+    return max(0, min(int(want), method.max_r(sctx.num_tokens, sctx.num_prefix_tokens)))
 
 
 def reduction_schedule(model: nn.Module, r: Optional[RSpec] = None, *, num_tokens: Optional[int] = None,
-                       method: Optional[str] = None) -> list[int]:
+                       method: Optional[str] = None, **options) -> list[int]:
     """The number of tokens each block removes, ``[r_0, ..., r_{depth-1}]``.
 
-    Simulates the schedule the patched forward applies: block ``l`` sees ``N_l`` tokens
-    (``N_0 = num_tokens``, ``N_{l+1} = N_l - r_l``) and removes ``r_l``; see :func:`timm` for the three
-    forms of ``r``. The tokens each block sees are ``N_l``; ``sum(r_l)`` is the total removed.
+    Simulates the schedule the patched forward applies, with the method's own schedule rules (its
+    ``schedule`` rewrite and ``block_r`` hook, see :func:`register_method`): block ``l`` sees ``N_l``
+    tokens (``N_0 = num_tokens``, ``N_{l+1} = N_l - r_l``) and removes ``r_l``; see :func:`timm` for
+    the forms of ``r``. ``sum(r_l)`` is the total removed. For a method that never removes tokens
+    (``removes_tokens=False``: ``"idle"``) ``r_l`` is the number of tokens block ``l`` leaves idle
+    and every block sees ``N_0`` tokens (IdleViT at ``r = 0.7``, 196 patches:
+    ``[0, 0, 0, 59, 59, 59, 100, 100, 100, 129, 129, 129]``).
 
     Args:
         model: a timm ``VisionTransformer`` (patched or not).
-        r: the schedule; the patched model's own if None.
+        r: the schedule; the patched model's own if None (then ``method`` and ``options`` must be left
+            out too: the patched configuration is used).
         num_tokens: tokens entering the first block (patches + prefix tokens); the model's default
             image size if None.
-        method: the method whose ``max_r`` clips the schedule; the patched model's (or ``"merge"``).
+        method: the method whose rules give the schedule; the patched model's (or ``"merge"``).
+        **options: the method's options, as for :func:`timm`; the patched model's own when it is
+            patched with this method and none are given, else the method's defaults.
 
     Returns:
-        list of ``depth`` ints.
+        list of ``depth`` ints, as :attr:`PatchState.r_applied` records them in a forward.
 
     Raises:
-        TypeError/ValueError: as :func:`timm` for a bad ``r``, ``method`` or ``num_tokens``; ValueError
-            when ``r`` is None and the model is not patched.
+        TypeError/ValueError: as :func:`timm` for a bad ``r``, ``method``, option or ``num_tokens``;
+            ValueError when ``r`` is None and the model is not patched.
     """
     _check_model(model)
     st = getattr(model, "_fastprune", None)
     depth = len(model.blocks)
+    m = _get_method(method) if method is not None else (st.method if st is not None else _get_method("merge"))
     if r is None:
         if st is None:
             raise ValueError("r is required for a model that is not patched")
-        r = st.r
-    r = _check_r(r, depth)
-    if method is not None:
-        m = _get_method(method)
+        if m is not st.method or options:
+            raise ValueError("give r together with method or options (the patched model's r belongs to its "
+                             "own method and options)")
+        r, resolved = st.r, st.options  # already rewritten by the method's schedule at patch time
     else:
-        m = st.method if st is not None else _get_method("merge")
+        r = _check_r(r, depth)
+        resolved = st.options if (st is not None and m is st.method and not options) else _resolve_options(m, options)
+        if m.schedule is not None:
+            r = _check_r(m.schedule(r, depth, resolved), depth)
     p = model.num_prefix_tokens
     if num_tokens is None:
         num_tokens = model.patch_embed.num_patches + p
@@ -477,9 +595,11 @@ def reduction_schedule(model: nn.Module, r: Optional[RSpec] = None, *, num_token
         raise ValueError(f"num_tokens must be an int > num_prefix_tokens={p}, got {num_tokens!r}")
     out, n = [], int(num_tokens)
     for i in range(depth):
-        ri = _block_r(r, i, n, p, m.max_r)
+        ri = _block_r(m, ScheduleContext(r=r, block_index=i, depth=depth, num_tokens=n,
+                                         num_patches=int(num_tokens) - p, num_prefix_tokens=p, options=resolved))
         out.append(ri)
-        n -= ri
+        if m.removes_tokens:
+            n -= ri
     return out
 
 
@@ -497,7 +617,8 @@ class PatchState:
     Per forward (reset by every model forward; valid after it):
 
     * :attr:`num_tokens` -- ``list[int]``, the token count each block saw (length ``depth``).
-    * :attr:`r_applied` -- ``list[int]``, the tokens each block was asked to remove.
+    * :attr:`r_applied` -- ``list[int]``, the tokens each block was asked to remove (to leave idle,
+      for a method that never removes tokens: ``"idle"``); equal to :func:`reduction_schedule`.
     * :attr:`size` -- ``[B, N_L]`` float32, patches per final token (ones if nothing was merged).
     * :attr:`index` -- ``[B, N_0]`` int64, for every token entering the first block (prefix tokens
       and patches), the position of the final token it ended up in; prefix tokens map to themselves.
@@ -533,7 +654,8 @@ class PatchState:
 
     @property
     def r_applied(self) -> list:
-        """Tokens each block was asked to remove in the last forward (``depth`` ints)."""
+        """Tokens each block was asked to remove (or, ``removes_tokens=False``, to leave idle) in the
+        last forward (``depth`` ints)."""
         return list(self._r)
 
     def _last(self) -> int:
@@ -601,7 +723,8 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     N = x.shape[1]
     p = st.num_prefix_tokens
     method = st.method
-    r = _block_r(st.r, i, N, p, method.max_r)
+    r = _block_r(method, ScheduleContext(r=st.r, block_index=i, depth=st.depth, num_tokens=N,
+                                         num_patches=st._tokens[0] - p, num_prefix_tokens=p, options=st.options))
     size_is_ones = st._sizes[i] is None
     size = torch.ones(x.shape[0], N, dtype=torch.float32, device=x.device) if size_is_ones else st._sizes[i]
     ctx = ReductionContext(block=self, block_index=i, r=r, num_prefix_tokens=p, size=size,
@@ -741,6 +864,10 @@ def timm(model: nn.Module, method: str = "merge", r: RSpec = 0, **options) -> nn
     * ``float`` keep rate ``rho`` in ``(0, 1]``: block ``l`` keeps ``ceil(rho * (N_l - p))`` of its
       ``N_l - p`` non-prefix tokens, i.e. removes the rest (``rho = 1``: nothing).
 
+    A method may read ``r`` its own way (the ``schedule`` and ``block_r`` hooks of
+    :func:`register_method`): ``"evit"``/``"bat"`` apply a float keep rate at their ``layers`` only,
+    ``"merge"`` with ``schedule="paper"`` at blocks 3, 6, 9, ``"idle"`` idles ``N0 - int(N0 rho^stage)``
+    tokens per block, ``"tome"`` with ``schedule="decreasing"`` ramps an int ``r``.
     :func:`reduction_schedule` returns the resulting per-block list for a token count.
 
     Methods (:func:`available_methods`; add more with :func:`register_method`):
@@ -750,9 +877,16 @@ def timm(model: nn.Module, method: str = "merge", r: RSpec = 0, **options) -> nn
       kept token (:func:`fastprune.merge_tokens`; Triton on CUDA, C++ or the PyTorch reference on CPU).
       Options: ``metric="keys"`` (head-mean of the keys, ToMe's choice) or ``"x"``; ``weight="size"``
       (size-weighted average) or ``"size_attn"`` (size x class attention); ``backend="auto"`` (see
-      :func:`fastprune.merge_tokens`). Defaults are provisional.
+      :func:`fastprune.merge_tokens`); ``schedule=None`` (``r`` as above) or ``"paper"``: merge
+      only at blocks 3, 6 and 9 (0-based) with ``r`` a float keep rate ``rho`` (``r=0``, the
+      default, means ``rho = 0.7``), leaving EViT's token count ``p + ceil(rho (N - p)) + 1`` there
+      (MSTM keeps one more crucial token where EViT adds its fused token), so FLOPs compare with
+      EViT/BAT at the same ``rho``: 197 -> 140 -> 100 -> 72 tokens at ``rho = 0.7``, 224 px.
+      **(choice)**: METHODS.md does not state MSTM's layers; these are the EViT/BAT layers the MSTM
+      paper compares against. Defaults are provisional.
 
-    Options for every method: ``prop_attn=True`` (proportional attention, on for off-the-shelf models),
+    Options for every method: ``prop_attn`` (proportional attention; on by default, as for
+    off-the-shelf models, except for methods whose defaults turn it off: ``"evit"``),
     ``prop_attn_impl="auto"`` (``"column"``/``"mask"``, see
     :func:`fastprune.attention.proportional_attention`).
 
@@ -820,3 +954,22 @@ def revert(model: nn.Module) -> nn.Module:
     model.__class__ = st.original_model_class
     del model._fastprune
     return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in methods living in their own modules
+# --------------------------------------------------------------------------------------------------
+
+def _register_builtin_methods() -> None:
+    """Register ``"tome"``, ``"evit"``, ``"bat"`` and ``"idle"`` (each module's ``register_with_patch``).
+
+    Done here, when this module is first imported, rather than when ``fastprune`` or the method
+    modules are imported: those stay free of timm, which only this module needs.
+    """
+    from . import bat, evit, idle, tome
+
+    for module in (tome, evit, bat, idle):
+        module.register_with_patch()
+
+
+_register_builtin_methods()

@@ -370,7 +370,8 @@ def _patch_reducer(x: torch.Tensor, ctx) -> tuple:
 
 
 def register_with_patch() -> None:
-    """Register ``method="tome"`` with :func:`fastprune.patch.timm` (done when this module is imported).
+    """Register ``method="tome"`` with :func:`fastprune.patch.timm` (done when :mod:`fastprune.patch`
+    is first imported; importing this module alone does not import timm).
 
     ``fastprune.patch.timm(model, method="tome", r=13)``: ToMe (Bolya et al., ICLR 2023) in every block,
     between the attention residual and the MLP, with the paper's defaults: constant ``r`` per block,
@@ -390,5 +391,3 @@ def register_with_patch() -> None:
         patch.register_method("tome", _patch_reducer, needs=_patch_needs, defaults=PATCH_DEFAULTS,
                               validate=_patch_validate, max_r=_patch_max_r, schedule=_patch_schedule)
 
-
-register_with_patch()

@@ -268,11 +268,13 @@ def test_patched_vit_follows_the_papers_schedule():
         model(torch.randn(1, 3, 224, 224))
     st = fpatch.state(model)
     assert st.num_tokens == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2  # EViT's counts
+    assert st.r_applied == fpatch.reduction_schedule(model) == [0, 0, 0, 57, 0, 0, 40, 0, 0, 28, 0, 0]
     assert st.size.sum().item() == 197 and st.index.max().item() == 71
     fpatch.timm(model, method="bat", r=0.7, num_clusters=10, num_pairs=0)
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert fpatch.state(model).num_tokens == [197] * 4 + [149] * 3 + [115] * 3 + [91] * 2  # 1 + 138 + 10, ...
+    assert fpatch.reduction_schedule(model) == fpatch.state(model).r_applied == [0, 0, 0, 48, 0, 0, 34, 0, 0, 24, 0, 0]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

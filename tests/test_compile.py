@@ -10,11 +10,11 @@ themselves to the compiler. With a GPU, the same model compiles with Inductor on
 a CUDA graph and exports.
 
 Methods covered: every method registered with :mod:`fastprune.patch` (``merge``, ``tome``, ``idle``,
-``evit`` when this was written; a newly registered method is picked up by :data:`METHODS`
+``evit`` and ``bat`` when this was written; a newly registered method is picked up by :data:`METHODS`
 automatically, with the options of :data:`METHOD_CONFIGS` or a 0.7 keep rate), except those listed in
-:data:`NOT_YET_COVERED` with the reason: ``bat`` (its CPU path has a data-dependent shape). On the GPU
-only ``merge`` runs wrapped Triton operators; the other methods' kernels are launched raw (Dynamo
-traces raw launches too, but that is checked only by the CUDA tests, which CI cannot run).
+:data:`NOT_YET_COVERED` with the reason (none today). On the GPU only ``merge`` runs wrapped Triton
+operators; the other methods' kernels are launched raw (Dynamo traces raw launches too, but that is
+checked only by the CUDA tests, which CI cannot run).
 
 Compile times on two busy cores are long, so the model is tiny (32 px images, 8 px patches: 17
 tokens, width 64, depth 3), most CPU runs use the ``eager``/``aot_eager`` backends (Dynamo and AOT

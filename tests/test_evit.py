@@ -180,12 +180,16 @@ def test_patched_vit_follows_the_papers_schedule():
         model(images)
     st = fpatch.state(model)
     assert st.num_tokens == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+    assert st.r_applied == fpatch.reduction_schedule(model) == [0, 0, 0, 57, 0, 0, 40, 0, 0, 28, 0, 0]
     assert st.size.shape == (1, 72) and st.size.sum().item() == 197  # every patch is accounted for
     assert st.index.shape == (1, 197) and st.index.max().item() == 71
     fpatch.timm(model, method="evit", r=0.5, layers="2,5")
     with torch.no_grad():
         model(images)
     assert fpatch.state(model).num_tokens == [197] * 3 + [100] * 3 + [52] * 6  # 1 + 98 + 1, 1 + 50 + 1
+    assert fpatch.reduction_schedule(model) == fpatch.state(model).r_applied == [0, 0, 97, 0, 0, 48] + [0] * 6
+    # without patching again: another keep rate, other layers
+    assert fpatch.reduction_schedule(model, 0.7, method="evit", layers=(0,)) == [57] + [0] * 11
 
 
 def test_patch_r0_and_keep_rate_one_leave_the_model_unchanged():
@@ -196,6 +200,23 @@ def test_patch_r0_and_keep_rate_one_leave_the_model_unchanged():
         for r in (0, 1.0):
             fpatch.timm(model, method="evit", r=r, layers=(1, 2))
             assert torch.equal(model(images), want)
+    fpatch.revert(model)
+
+
+def test_patch_default_is_without_proportional_attention():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, num_classes=5).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fpatch.timm(model, method="evit", r=0.5, layers=(1,))
+        assert fpatch.state(model).options["prop_attn"] is False
+        default = model(images)
+        fpatch.timm(model, method="evit", r=0.5, layers=(1,), prop_attn=False)
+        assert torch.equal(model(images), default)
+        fpatch.timm(model, method="evit", r=0.5, layers=(1,), prop_attn=True)
+        assert fpatch.state(model).options["prop_attn"] is True
+        # blocks 2, 3 see the fused token's size (8 patches): log 8 changes their attention
+        assert not torch.allclose(model(images), default, atol=1e-4)
     fpatch.revert(model)
 
 
@@ -231,6 +252,6 @@ def test_patch_bad_arguments_raise():
         parse_layers("3,3")
     no_cls = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2, num_classes=5,
                                class_token=False, global_pool="avg")
-    fpatch.timm(no_cls, method="evit", r=0.5, layers=(1,))
-    with pytest.raises(ValueError, match="class token"):
-        no_cls(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="class token"):  # refused when patching, before any forward
+        fpatch.timm(no_cls, method="evit", r=0.5, layers=(1,))
+    assert not fpatch.is_patched(no_cls)

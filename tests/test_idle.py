@@ -376,6 +376,29 @@ def test_patched_model_eval_matches_both_forms_and_keeps_token_count():
         assert torch.equal(model(images), base)
 
 
+def test_patch_state_and_reduction_schedule_show_idle_counts():
+    # the paper's schedule on a 12-block /16 ViT at 224 px (196 patches), without running it
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=12, depth=12, num_heads=2, num_classes=2)
+    want = [0, 0, 0, 59, 59, 59, 100, 100, 100, 129, 129, 129]  # 196 - int(196 * 0.7 ** stage)
+    assert patch.reduction_schedule(vit, 0.7, method="idle") == want
+    assert want == [196 - k for k in idle.idle_schedule(0.7, 12, 196)]
+    patch.timm(vit, method="idle", r=0.7)
+    assert patch.reduction_schedule(vit) == want
+    assert patch.reduction_schedule(vit, 0.5) == [196 - k for k in idle.idle_schedule(0.5, 12, 196)]
+    # a forward records the same counts, for every form of r; the token count never changes
+    model = make_vit(depth=8).eval()
+    images = torch.randn(1, 3, 32, 32, device=DEVICE)
+    for r in (0.7, 3, [0, 1, 2, 3, 4, 5, 15, 40]):
+        patch.timm(model, method="idle", r=r)
+        with torch.no_grad():
+            model(images)
+        st = patch.state(model)
+        expected = [16 - k for k in idle.idle_schedule(r, 8, 16)]
+        assert st.r_applied == patch.reduction_schedule(model) == expected
+        assert st.num_tokens == [17] * 8
+    assert expected[-2:] == [15, 15]  # clipped: one patch token is always selected
+
+
 def test_reselect_off_never_selects_an_idle_token_again():
     model = make_vit(depth=8).eval()
     images = torch.randn(2, 3, 32, 32, device=DEVICE)

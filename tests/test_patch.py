@@ -4,6 +4,8 @@ The test model has LayerScale, q/k norm and 4 register tokens (5 prefix tokens) 
 21 tokens enter the first block.
 """
 import copy
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -226,6 +228,112 @@ def test_register_a_method_with_a_reducer_and_with_a_block_forward(images):
     finally:
         fpatch._METHODS.pop("test_prune", None)
         fpatch._METHODS.pop("test_skip", None)
+
+
+def test_a_method_may_set_its_own_default_for_the_common_options(images):
+    calls = []
+
+    def record_sizes(block, x, ctx):  # the block forward sees the resolved options
+        calls.append((ctx.options["prop_attn"], ctx.options["prop_attn_impl"]))
+        return x, None, None
+
+    try:
+        fpatch.register_method("test_no_prop", block_forward=record_sizes,
+                               defaults={"prop_attn": False, "prop_attn_impl": "mask"})
+        model = fpatch.timm(make_vit(), method="test_no_prop")
+        assert fpatch.state(model).options["prop_attn"] is False
+        with torch.no_grad():
+            model(images)
+        assert calls == [(False, "mask")] * DEPTH
+        fpatch.timm(model, method="test_no_prop", prop_attn=True, prop_attn_impl="column")  # the user's word wins
+        assert fpatch.state(model).options["prop_attn"] is True
+        fpatch.timm(model, method="merge", r=1)  # other methods keep the global default
+        assert fpatch.state(model).options["prop_attn"] is True
+        with pytest.raises(TypeError, match="prop_attn must be a bool"):
+            fpatch.register_method("test_bad_default", block_forward=record_sizes, defaults={"prop_attn": 1})
+        with pytest.raises(ValueError, match="prop_attn_impl"):
+            fpatch.register_method("test_bad_default", block_forward=record_sizes,
+                                   defaults={"prop_attn_impl": "flash"})
+        assert "test_bad_default" not in fpatch.available_methods()
+    finally:
+        fpatch._METHODS.pop("test_no_prop", None)
+        fpatch._METHODS.pop("test_bad_default", None)
+
+
+def test_block_r_hook_sets_each_blocks_r_and_the_reported_schedule(images):
+    seen = []
+
+    def every_other_block(sctx):  # the generic rule, but only in even blocks
+        seen.append((sctx.block_index, sctx.depth, sctx.num_tokens, sctx.num_patches, sctx.num_prefix_tokens,
+                     sctx.options["weight"]))
+        return sctx.generic_r if sctx.block_index % 2 == 0 else 0
+
+    merge = fpatch._METHODS["merge"]
+    try:
+        fpatch.register_method("test_even", merge.reducer, needs=merge.needs, defaults=merge.defaults,
+                               validate=merge.validate, block_r=every_other_block)
+        model = fpatch.timm(make_vit(), method="test_even", r=4)
+        with torch.no_grad():
+            model(images)
+        st = fpatch.state(model)
+        assert st.num_tokens == [21, 17, 17] and st.r_applied == [4, 0, 4]
+        assert seen == [(0, DEPTH, 21, 16, PREFIX, "size"), (1, DEPTH, 17, 16, PREFIX, "size"),
+                        (2, DEPTH, 17, 16, PREFIX, "size")]
+        assert fpatch.reduction_schedule(model) == [4, 0, 4]
+        assert fpatch.reduction_schedule(model, 0.5) == [8, 0, 4]  # keep rate: 8 of 16, then 4 of 8
+        assert fpatch.reduction_schedule(model, 100, weight="size_attn") == [15, 0, 0]  # clipped to max_r
+        assert seen[-1][-1] == "size_attn"
+        with pytest.raises(ValueError, match="give r together"):
+            fpatch.reduction_schedule(model, method="merge")
+
+        fpatch.register_method("test_even", merge.reducer, needs=merge.needs, defaults=merge.defaults,
+                               block_r=lambda sctx: 2.0, replace=True)
+        with pytest.raises(TypeError, match="block_r must return an int"):
+            fpatch.reduction_schedule(model, 1, method="test_even")
+        with pytest.raises(TypeError, match="block_r must be callable"):
+            fpatch.register_method("test_even", merge.reducer, block_r=3, replace=True)
+        with pytest.raises(TypeError, match="removes_tokens"):
+            fpatch.register_method("test_even", merge.reducer, removes_tokens="no", replace=True)
+    finally:
+        fpatch._METHODS.pop("test_even", None)
+
+
+def test_merge_paper_schedule_merges_at_blocks_3_6_9_with_evits_counts():
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=24, depth=12, num_heads=2, num_classes=5).eval()
+    fpatch.timm(model, method="merge", r=0.7, schedule="paper")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    st = fpatch.state(model)
+    assert st.num_tokens == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+    assert st.r_applied == fpatch.reduction_schedule(model) == [0, 0, 0, 57, 0, 0, 40, 0, 0, 28, 0, 0]
+    assert st.size.sum().item() == 197 and st.index.max().item() == 71  # every patch merged somewhere
+    fpatch.timm(model, method="merge", schedule="paper")  # r left at 0: the default keep rate 0.7
+    assert fpatch.state(model).r == 0.7
+    assert fpatch.reduction_schedule(model) == [0, 0, 0, 57, 0, 0, 40, 0, 0, 28, 0, 0]
+    assert fpatch.reduction_schedule(model, 0.5) == [0, 0, 0, 97, 0, 0, 48, 0, 0, 24, 0, 0]  # 99, 51, 27 left
+    assert fpatch.reduction_schedule(model, 1.0) == [0] * 12
+    assert fpatch.reduction_schedule(model, 0.7, method="merge") == [0, 0, 0, 57, 0, 0, 40, 0, 0, 28, 0, 0]
+    assert fpatch.reduction_schedule(model, 0.7, method="merge", schedule=None)[:3] == [58, 41, 29]  # every block
+    with pytest.raises(TypeError, match="float keep rate"):
+        fpatch.timm(model, method="merge", r=13, schedule="paper")
+    with pytest.raises(TypeError, match="float keep rate"):
+        fpatch.timm(model, method="merge", r=[1] * 12, schedule="paper")
+    with pytest.raises(ValueError, match="schedule must be"):
+        fpatch.timm(model, method="merge", r=0.7, schedule="evit")
+    with pytest.raises(ValueError, match="blocks"):
+        fpatch.timm(make_vit(), method="merge", r=0.7, schedule="paper")  # 3 blocks
+
+
+def test_import_fastprune_is_lazy_and_patch_registers_every_method():
+    code = ("import sys, fastprune\n"
+            "import fastprune.tome, fastprune.evit, fastprune.bat, fastprune.idle\n"
+            "assert 'timm' not in sys.modules and 'fastprune.patch' not in sys.modules, 'eager'\n"
+            "assert fastprune.idle.__name__ == 'fastprune.idle'\n"
+            "print(','.join(fastprune.patch.available_methods()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["bat,evit,idle,merge,tome"]
 
 
 def test_bad_arguments_raise(images):

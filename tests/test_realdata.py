@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DATA_DIR
-from fastprune import evaluate
+from fastprune import evaluate, patch
 
 pytestmark = pytest.mark.realdata
 
@@ -93,6 +93,20 @@ def test_count_gflops_matches_the_vit_formula(model):
             blk.attn.fused_attn = f
 
 
+def test_setting_gflops_counts_the_reduction(model):
+    """Patched with r=0 the count is the baseline's; merging 5 tokens in the last block saves their MLP
+    and adds the reference's N x N cosine similarity on x (C wide); the class-attention row is tiny."""
+    image = torch.zeros(3, 224, 224)
+    base = evaluate.setting_gflops(model, "none", image)
+    assert evaluate.setting_gflops(model, "merge:0", image) == base
+    C, N, r = model.embed_dim, 197, 5
+    mlp_saved = 2 * r * C * 4 * C * 2
+    similarity = 2 * N * N * C
+    last = evaluate.setting_gflops(model, "merge:0*11,5:metric=x", image)
+    assert last == pytest.approx(base + (similarity - mlp_saved) / 1e9, abs=1e-3)
+    assert not patch.is_patched(model)  # counted on a copy
+
+
 def test_main_prints_the_table(capsys):
     assert evaluate.main(["--limit", "2", "--batch-size", "2", "--settings", "none", "--no-progress",
                           "--markdown", "--data", str(DATA_DIR)]) == 0
@@ -115,6 +129,8 @@ def test_missing_data_fails_clearly(tmp_path, model, capsys):
     ("merge:13", "merge", 13, {}),
     ("merge:0.9", "merge", 0.9, {}),
     ("merge:0*3,16*9", "merge", [0, 0, 0] + [16] * 9, {}),
+    ("merge:0*2,21..12", "merge", [0, 0] + list(range(21, 11, -1)), {}),
+    ("tome:1..3,7", "tome", [1, 2, 3, 7], {}),
     ("merge:8,9:metric=x:prop_attn=off:weight=size_attn", "merge", [8, 9],
      {"metric": "x", "prop_attn": False, "weight": "size_attn"}),
 ])
@@ -124,13 +140,15 @@ def test_parse_setting(text, method, r, options):
     assert type(setting.r) is type(r)
 
 
-@pytest.mark.parametrize("text", ["merge", "merge:", "merge:abc", "merge:1.5", "merge:13:metric", "none:3"])
+@pytest.mark.parametrize("text", ["merge", "merge:", "merge:abc", "merge:1.5", "merge:13:metric", "none:3",
+                                  "merge:-1,4", "merge:2..x"])
 def test_parse_setting_rejects_bad_words(text):
     with pytest.raises(ValueError, match="setting"):
         evaluate.parse_setting(text)
 
 
 def test_r_label_round_trips():
-    for text in ("merge:13", "merge:0*3,16*9", "merge:0.75"):
-        setting = evaluate.parse_setting(text)
-        assert evaluate.parse_setting(f"merge:{setting.r_label().lstrip('ρ=')}").r == setting.r
+    for r in ([13], [0] * 2 + list(range(21, 11, -1)), [0, 1, 2, 2, 5, 4, 3, 9], [8] * 12, [3, 1]):
+        label = evaluate.Setting("merge", r if len(r) > 1 else r[0]).r_label()
+        assert evaluate.parse_setting(f"merge:{label}").r == (r if len(r) > 1 else r[0]), label
+    assert evaluate.parse_setting("merge:0.75").r_label() == "ρ=0.75"
