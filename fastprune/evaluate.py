@@ -660,6 +660,8 @@ def run(args: argparse.Namespace) -> List[Result]:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     data_dir = default_data_dir() if args.data is None else args.data
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, args.weights, data_dir=data_dir, device=args.device, dtype=dtype)
@@ -675,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = run(args)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except (FileNotFoundError, ValueError, TypeError) as err:  # bad arguments, settings or missing data
         parser.error(str(err))  # exits with status 2
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
