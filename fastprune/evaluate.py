@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import pathlib
 import sys
@@ -641,9 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                         help="settings to evaluate; the unreduced model 'none' always runs first "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="model and input dtype (default: float32); the merge computes in float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding the images")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per setting")

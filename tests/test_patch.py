@@ -277,12 +277,12 @@ def test_block_r_hook_sets_each_blocks_r_and_the_reported_schedule(images):
             model(images)
         st = fpatch.state(model)
         assert st.num_tokens == [21, 17, 17] and st.r_applied == [4, 0, 4]
-        assert seen == [(0, DEPTH, 21, 16, PREFIX, "size"), (1, DEPTH, 17, 16, PREFIX, "size"),
-                        (2, DEPTH, 17, 16, PREFIX, "size")]
+        assert seen == [(0, DEPTH, 21, 16, PREFIX, "size_attn"), (1, DEPTH, 17, 16, PREFIX, "size_attn"),
+                        (2, DEPTH, 17, 16, PREFIX, "size_attn")]
         assert fpatch.reduction_schedule(model) == [4, 0, 4]
         assert fpatch.reduction_schedule(model, 0.5) == [8, 0, 4]  # keep rate: 8 of 16, then 4 of 8
-        assert fpatch.reduction_schedule(model, 100, weight="size_attn") == [15, 0, 0]  # clipped to max_r
-        assert seen[-1][-1] == "size_attn"
+        assert fpatch.reduction_schedule(model, 100, weight="size") == [15, 0, 0]  # clipped to max_r
+        assert seen[-1][-1] == "size"
         with pytest.raises(ValueError, match="give r together"):
             fpatch.reduction_schedule(model, method="merge")
 

@@ -3,7 +3,6 @@
 The data is always present in CI: a missing data folder FAILS these tests, it never skips them.
 Accuracy on the slice is only compared with the same model unreduced (the data README explains why).
 """
-import pathlib
 
 import pytest
 import torch
