@@ -6,10 +6,13 @@
 //   1. selection   (parallel over images): stable sort of the non-prefix scores, descending, NaN
 //      first (as torch.sort(descending=True, stable=True)); the first K are kept. Output slots of
 //      kept tokens follow their order (prefix first).
-//   2. normalise   (parallel over tokens): m_i / max(|m_i|, COSINE_EPS), accumulated in fp32 (fp64
-//      for fp64 input).
-//   3. matching    (parallel over tokens): every dropped token takes the kept non-prefix token of
-//      largest cosine similarity; ties go to the lower index (NaN counts as the largest, as argmax).
+//   2. norms       (parallel over tokens): |m_i| clamped to COSINE_EPS, accumulated in fp32 (fp64
+//      for fp64 input; a half-precision metric is converted to fp32 once); the r dropped rows of
+//      every image are normalised, m_i / |m_i|, into a [B, r, Cm] block.
+//   3. matching    (one batched GEMM, then parallel over dropped tokens): <m_i / |m_i|, m_j> for
+//      every dropped i and every j of its image, divided by |m_j|; every dropped token takes the
+//      kept non-prefix token of largest cosine similarity; ties go to the lower index (NaN counts
+//      as the largest, as argmax). Only r x N similarities per image, never N x N.
 //   4. grouping    (parallel over images): weights w_i (size, or size * max(score, WEIGHT_EPS)), their
 //      total W_d per destination and the member lists, all in ascending token order.
 //   5. merging     (parallel over output tokens): x'_d = sum_{i -> d} (w_i / W_d) x_i accumulated in
@@ -24,10 +27,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/bmm.h>
+#include <c10/core/ScalarType.h>
 
 #include <algorithm>
 #include <limits>
-#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -106,13 +110,13 @@ void merge_forward_kernel(const at::Tensor& x, const at::Tensor& scores, const a
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* sp = scores.const_data_ptr<acc_t>();
   const acc_t* zp = size.defined() ? size.const_data_ptr<acc_t>() : nullptr;
-  const metric_t* mp = metric.const_data_ptr<metric_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* szp = size_out.mutable_data_ptr<acc_t>();
   int64_t* ip = index.mutable_data_ptr<int64_t>();
 
   // 1. Selection: index of kept tokens = their output slot, -1 for dropped tokens.
   std::vector<int64_t> cand(static_cast<size_t>(B * K));  // kept non-prefix tokens, ascending
+  std::vector<int64_t> drop(static_cast<size_t>(B * r));  // dropped tokens, ascending
   at::parallel_for(0, B, grain_for(32 * N), [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> order(N - p);
     std::vector<uint8_t> keep(N);
@@ -124,52 +128,71 @@ void merge_forward_kernel(const at::Tensor& x, const at::Tensor& scores, const a
       std::fill(keep.begin(), keep.end(), uint8_t(0));
       std::fill(keep.begin(), keep.begin() + p, uint8_t(1));
       for (int64_t k = 0; k < K; ++k) keep[order[k]] = 1;
-      int64_t slot = 0, nc = 0;
+      int64_t slot = 0, nc = 0, nd = 0;
       for (int64_t i = 0; i < N; ++i) {
         if (keep[i]) {
           ip[b * N + i] = slot++;
           if (i >= p) cand[b * K + nc++] = i;
         } else {
           ip[b * N + i] = -1;
+          drop[b * r + nd++] = i;
         }
       }
     }
   });
 
   if (r > 0) {
-    // 2. Normalised metric rows (prefix rows are never compared).
-    // uninitialised (only non-prefix rows are written and read)
-    std::unique_ptr<macc_t[]> mhat(new macc_t[static_cast<size_t>(B * N * Cm)]);
+    // 2. Norms. The metric in macc_t (a view of the input when it already is; half precision is
+    //    converted once), the clamped norm of every non-prefix row, and the r dropped rows of every
+    //    image normalised into dhat [B, r, Cm]. One item per row, so B = 1 uses every thread.
+    const auto macc_dtype = c10::CppTypeToScalarType<macc_t>::value;
+    const at::Tensor mf = metric.scalar_type() == macc_dtype ? metric : metric.to(macc_dtype);
+    const macc_t* mfp = mf.const_data_ptr<macc_t>();
+    std::vector<macc_t> norm(static_cast<size_t>(B * N));
     at::parallel_for(0, B * N, grain_for(2 * Cm), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        if (t % N < p) continue;
-        const metric_t* m = mp + t * Cm;
-        macc_t ss = 0;
-        for (int64_t c = 0; c < Cm; ++c) ss += static_cast<macc_t>(m[c]) * static_cast<macc_t>(m[c]);
-        macc_t norm = std::sqrt(ss);
-        if (!std::isnan(norm)) norm = std::max(norm, static_cast<macc_t>(COSINE_EPS));
-        macc_t* o = mhat.get() + t * Cm;
-        for (int64_t c = 0; c < Cm; ++c) o[c] = static_cast<macc_t>(m[c]) / norm;
+        if (t % N < p) continue;  // prefix rows are never compared
+        const macc_t* m = mfp + t * Cm;
+        macc_t n = std::sqrt(dot<macc_t>(m, m, Cm));
+        if (!std::isnan(n)) n = std::max(n, static_cast<macc_t>(COSINE_EPS));
+        norm[t] = n;
       }
     });
-    // 3. Matching: dropped token -> the output slot of its most similar kept non-prefix token.
-    at::parallel_for(0, B * N, grain_for(std::max<int64_t>(1, r * K * Cm / N)), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        if (ip[t] >= 0) continue;  // kept (prefix tokens are always kept)
-        const int64_t b = t / N;
-        const macc_t* mi = mhat.get() + t * Cm;
+    at::Tensor dhat = at::empty({B, r, Cm}, mf.options());
+    macc_t* dp = dhat.mutable_data_ptr<macc_t>();
+    at::parallel_for(0, B * r, grain_for(2 * Cm), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t t = (q / r) * N + drop[q];
+        const macc_t* m = mfp + t * Cm;
+        const macc_t n = norm[t];
+        macc_t* o = dp + q * Cm;
+        for (int64_t c = 0; c < Cm; ++c) o[c] = m[c] / n;
+      }
+    });
+    // 3. Matching. <m_i / |m_i|, m_j> for the r dropped rows i against all N rows j of every image
+    //    in one batched GEMM (ATen's BLAS, [B, r, Cm] x [B, Cm, N]), divided by |m_j| per kept
+    //    non-prefix candidate: the cosine similarity. Every dropped token takes the candidate of
+    //    largest similarity; candidates are scanned in ascending order and only a strictly larger
+    //    value replaces the best, so ties go to the lower index (NaN counts as the largest, as argmax).
+    const at::Tensor sim = at::bmm(dhat, mf.transpose(1, 2));  // [B, r, N], contiguous
+    const macc_t* simp = sim.const_data_ptr<macc_t>();
+    at::parallel_for(0, B * r, grain_for(4 * K), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t b = q / r;
+        const macc_t* row = simp + q * N;
+        const macc_t* nb = norm.data() + b * N;
         const int64_t* cb = cand.data() + b * K;
         int64_t best_j = cb[0];
-        macc_t best = dot<macc_t>(mi, mhat.get() + (b * N + best_j) * Cm, Cm);
+        macc_t best = row[best_j] / nb[best_j];
         for (int64_t k = 1; k < K; ++k) {
           const int64_t j = cb[k];
-          const macc_t sim = dot<macc_t>(mi, mhat.get() + (b * N + j) * Cm, Cm);
-          if (ranks_above(sim, best)) {
-            best = sim;
+          const macc_t v = row[j] / nb[j];
+          if (ranks_above(v, best)) {
+            best = v;
             best_j = j;
           }
         }
-        ip[t] = ip[b * N + best_j];  // kept entries are final since step 1
+        ip[b * N + drop[q]] = ip[b * N + best_j];  // kept entries are final since step 1
       }
     });
   }
