@@ -356,9 +356,16 @@ def match_all(model: torch.nn.Module, image: torch.Tensor, anchors: Sequence[int
             cache[text] = _ev.setting_gflops(model, text, image)
         return cache[text]
 
-    targets = {r: gflops_of(anchor_setting(r)) for r in anchors}
-    matches = [match_family(model, fam, targets[r], image, anchor=r, side=side, gflops_of=gflops_of)
-               for r in anchors for fam in families]
+    # one image through a small model: a single thread is as fast, and immune to a busy machine
+    # (two OpenMP threads on two loaded cores can be 40x slower than one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        targets = {r: gflops_of(anchor_setting(r)) for r in anchors}
+        matches = [match_family(model, fam, targets[r], image, anchor=r, side=side, gflops_of=gflops_of)
+                   for r in anchors for fam in families]
+    finally:
+        torch.set_num_threads(threads)
     return targets, matches
 
 

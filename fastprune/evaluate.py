@@ -650,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per setting")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead, every method at ToMe's FLOPs on both models: runs python -m fastprune.compare "
+                             "with the other arguments (see its --help)")
     return parser
 
 
@@ -674,6 +677,11 @@ def run(args: argparse.Namespace) -> List[Result]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m fastprune.evaluate`` / ``fastprune-evaluate``); returns
     the exit status (0 on success, 2 on bad arguments or missing data)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare" in argv:  # the method comparison at matched FLOPs has its own arguments
+        from . import compare
+
+        return compare.main([a for a in argv if a != "--compare"])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,15 @@ from timm.models.vision_transformer import VisionTransformer
 from fastprune import compare, evaluate, patch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is as fast as two, and not slowed down 10x by other work on the machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_vit():
     # 197 tokens and 12 blocks like ViT-Ti, but 24 channels: counting FLOPs takes milliseconds
@@ -259,3 +268,11 @@ def test_cli_missing_data_exits_2(tmp_path):
     with pytest.raises(SystemExit) as err:
         compare.main(["--data", str(tmp_path / "missing"), "--models", "vit_tiny_patch16_224"])
     assert err.value.code == 2
+
+
+def test_evaluate_cli_delegates_compare(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--compare", "--anchors", "0", "--data", str(tmp_path)])
+    assert err.value.code == 2
+    assert "python -m fastprune.compare" in capsys.readouterr().err  # compare's parser answered
+    assert "--compare" in evaluate.build_parser().format_help()
