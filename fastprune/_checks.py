@@ -101,3 +101,9 @@ def check_metric(metric: Optional[torch.Tensor], x: torch.Tensor, name: str = "m
         raise ValueError(f"{name} must have shape [B, N, Cm] with B={x.shape[0]}, N={x.shape[1]}, "
                          f"got {tuple(metric.shape)}")
     return metric
+
+
+def check_choice(value, name: str, choices) -> None:
+    """``value`` must be one of ``choices``; raises ``ValueError`` naming ``name`` otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

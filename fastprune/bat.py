@@ -355,8 +355,7 @@ def _bat_validate(options) -> None:
     from .evit import _validate_common
 
     _validate_common(options)
-    if options["metric"] not in PATCH_METRICS:
-        raise ValueError(f"metric must be one of {PATCH_METRICS}, got {options['metric']!r}")
+    _checks.check_choice(options["metric"], "metric", PATCH_METRICS)
     _checks.check_int(options["num_clusters"], "num_clusters", 1, 2 ** 31 - 1)
     _checks.check_int(options["k"], "k", 1, 2 ** 31 - 1)
     if options["num_pairs"] is not None:

@@ -251,8 +251,7 @@ def patch_keep_rate(r, method: str) -> Optional[float]:
 
 def _validate_common(options) -> None:
     parse_layers(options["layers"])
-    if options["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
+    _checks.check_choice(options["backend"], "backend", BACKENDS)
 
 
 def _patch_schedule_for(method: str):

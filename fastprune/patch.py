@@ -49,6 +49,7 @@ from timm.layers import Attention as _TimmAttention
 from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
+from . import _checks
 from .attention import PROP_ATTN_IMPLS, cls_attention, proportional_attention
 from .evit import kept_count as _evit_kept_count
 from .functional import BACKENDS as MERGE_BACKENDS, merge_tokens
@@ -437,14 +438,10 @@ MSTM_PAPER_KEEP_RATE = 0.7
 
 
 def _merge_validate(options: Mapping[str, Any]) -> None:
-    if options["metric"] not in MERGE_METRICS:
-        raise ValueError(f"metric must be one of {MERGE_METRICS}, got {options['metric']!r}")
-    if options["weight"] not in MERGE_WEIGHTS:
-        raise ValueError(f"weight must be one of {MERGE_WEIGHTS}, got {options['weight']!r}")
-    if options["backend"] not in MERGE_BACKENDS:
-        raise ValueError(f"backend must be one of {MERGE_BACKENDS}, got {options['backend']!r}")
-    if options["schedule"] not in MERGE_SCHEDULES:
-        raise ValueError(f"schedule must be one of {MERGE_SCHEDULES}, got {options['schedule']!r}")
+    _checks.check_choice(options["metric"], "metric", MERGE_METRICS)
+    _checks.check_choice(options["weight"], "weight", MERGE_WEIGHTS)
+    _checks.check_choice(options["backend"], "backend", MERGE_BACKENDS)
+    _checks.check_choice(options["schedule"], "schedule", MERGE_SCHEDULES)
 
 
 def _merge_schedule(r: RSpec, depth: int, options: Mapping[str, Any]) -> RSpec:

@@ -334,12 +334,9 @@ PATCH_DEFAULTS = {"metric": "keys", "schedule": "constant", "backend": "auto"}
 
 
 def _patch_validate(options) -> None:
-    if options["metric"] not in PATCH_METRICS:
-        raise ValueError(f"metric must be one of {PATCH_METRICS}, got {options['metric']!r}")
-    if options["schedule"] not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {options['schedule']!r}")
-    if options["backend"] not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
+    _checks.check_choice(options["metric"], "metric", PATCH_METRICS)
+    _checks.check_choice(options["schedule"], "schedule", SCHEDULES)
+    _checks.check_choice(options["backend"], "backend", BACKENDS)
 
 
 def _patch_needs(options) -> frozenset:

@@ -31,7 +31,6 @@ above it (:func:`_top_mask`): ``O(n^2)`` comparisons in the same row tiles, no s
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 from fastprune.bat import BATCounts
 from fastprune.reference import COSINE_EPS, Merged
 
+from . import check_triton_device
 from .aot import KernelSpec, register
 from .merge import _merge_backward, _weighted_merge
 
@@ -368,8 +368,6 @@ class BATMergeFunction(torch.autograd.Function):
         return grad_x, grad_scores, grad_size, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def bat_triton(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts, size: Optional[torch.Tensor] = None,
@@ -403,9 +401,7 @@ def bat_triton(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts, size: O
     n_in = N - p - K
     if not (1 <= K <= N - p and 0 <= r <= K // 2 and 0 <= c <= n_in and 0 <= k <= max(n_in - 1, 0)):
         raise ValueError(f"BAT counts out of range for N={N}, p={p}: {counts}")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"x is on {x.device}: the Triton backend needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    check_triton_device(x)
     metric = x if metric is None else metric
     scores = scores.float()
     size = None if size is None else size.float()

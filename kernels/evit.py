@@ -22,7 +22,6 @@ is sort-free: :func:`order_keys` gives every score an order-preserving unique in
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -31,6 +30,7 @@ import triton.language as tl
 
 from fastprune.reference import WEIGHT_EPS, Merged
 
+from . import check_triton_device
 from .aot import KernelSpec, register
 
 __all__ = ["evit_triton", "EViTFunction"]
@@ -303,8 +303,6 @@ class EViTFunction(torch.autograd.Function):
         return grad_x, grad_scores, None, None, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def evit_triton(x: torch.Tensor, scores: torch.Tensor, K: int, size: Optional[torch.Tensor] = None,
@@ -334,9 +332,7 @@ def evit_triton(x: torch.Tensor, scores: torch.Tensor, K: int, size: Optional[to
     B, N, _ = x.shape
     if not 1 <= K <= N - num_prefix_tokens - 1:
         raise ValueError(f"K must satisfy 1 <= K <= N - p - 1 = {N - num_prefix_tokens - 1}, got {K}")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"x is on {x.device}: the Triton backend needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    check_triton_device(x)
     scores = scores.float()
     size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size.float()
     out, size_out, index = EViTFunction.apply(x, scores, size, int(K), int(num_prefix_tokens), bool(normalize))

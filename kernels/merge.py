@@ -38,7 +38,6 @@ graph break and Inductor sees the Triton kernels; CUDA graphs capture them (no h
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -47,6 +46,7 @@ import triton.language as tl
 
 from fastprune.reference import COSINE_EPS, WEIGHT_EPS, Merged
 
+from . import check_triton_device, interpreting
 from .aot import KernelSpec, register
 
 __all__ = ["mstm_merge_triton"]
@@ -380,13 +380,11 @@ def _backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscore
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 #: Whether ``@triton.jit`` made interpreted kernels: Triton reads ``TRITON_INTERPRET`` once, when this
 #: module's kernels are decorated, so later changes of the variable do not change what they are.
-_KERNELS_INTERPRETED = _interpreting()
+_KERNELS_INTERPRETED = interpreting()
 #: Compiled kernels and a torch with ``triton_op``/``wrap_triton`` (2.6+): launches can be traced.
 _KERNELS_TRACEABLE = (not _KERNELS_INTERPRETED and hasattr(torch.library, "triton_op")
                       and hasattr(torch.library, "wrap_triton"))
@@ -632,9 +630,7 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
     """
     if weight not in ("size", "size_attn"):
         raise ValueError(f"weight must be 'size' or 'size_attn', got {weight!r}")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"x is on {x.device}: the Triton backend needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    check_triton_device(x)
     metric = x if metric is None else metric
     scores = scores.float()
     size = None if size is None else size.float()

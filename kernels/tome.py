@@ -36,7 +36,6 @@ and back on store.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -45,6 +44,7 @@ import triton.language as tl
 
 from fastprune.reference import COSINE_EPS, Merged
 
+from . import check_triton_device
 from .aot import KernelSpec, register
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
@@ -451,8 +451,6 @@ class ToMeMergeFunction(torch.autograd.Function):
         return grad_x, grad_size, None, None, None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tome_merge_triton(x: torch.Tensor, r: int, metric: Optional[torch.Tensor] = None,
@@ -486,9 +484,7 @@ def tome_merge_triton(x: torch.Tensor, r: int, metric: Optional[torch.Tensor] = 
     p = int(num_prefix_tokens)
     if not 1 <= r <= (N - p) // 2:
         raise ValueError(f"r must satisfy 1 <= r <= (N - num_prefix_tokens) // 2 = {(N - p) // 2}, got {r}")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"x is on {x.device}: the Triton backend needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 to run the kernels on CPU)")
+    check_triton_device(x)
     metric = x if metric is None else metric
     size = None if size is None else size.float()
     out, size_out, index = ToMeMergeFunction.apply(x, size, metric, int(r), p)
