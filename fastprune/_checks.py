@@ -6,6 +6,7 @@ reaches a kernel.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -30,13 +31,19 @@ def check_same_device(x: torch.Tensor, other: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is on {other.device} but x is on {x.device}: they must be on the same device")
 
 
+def is_integer(value) -> bool:
+    """True for any ``numbers.Integral`` (Python or NumPy ints), False for bool and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_int(value, name: str, low: int, high: int) -> int:
-    """``value`` must be a Python (or 0-d integer tensor) int in ``[low, high]``; bool is rejected."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
-            and value.dtype != torch.bool:
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` must be a ``numbers.Integral`` (not bool) in ``[low, high]``; returns it as ``int``.
+
+    Tensors are refused (reading one would synchronise with the device): pass ``int(t)``.
+    """
+    if not is_integer(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    value = int(value)
     if not low <= value <= high:
         raise ValueError(f"{name} must satisfy {low} <= {name} <= {high}, got {value}")
     return value
@@ -72,7 +79,12 @@ def cls_scores(attn, x: torch.Tensor, name: str = "attn") -> torch.Tensor:
 
 
 def check_size(size: Optional[torch.Tensor], x: torch.Tensor, name: str = "size") -> Optional[torch.Tensor]:
-    """``size`` is None or a floating ``[B, N]`` / ``[B, N, 1]`` tensor; returns float32 ``[B, N]``."""
+    """``size`` is None or a floating ``[B, N]`` / ``[B, N, 1]`` tensor of finite sizes > 0.
+
+    Returns float32 ``[B, N]``. A non-positive or non-finite size raises ``ValueError`` (on CUDA
+    through ``torch._assert_async``, without a host synchronisation: the error then surfaces at the
+    next synchronising call as a device-side assertion).
+    """
     if size is None:
         return None
     if not isinstance(size, torch.Tensor):
@@ -85,7 +97,20 @@ def check_size(size: Optional[torch.Tensor], x: torch.Tensor, name: str = "size"
         size = size.squeeze(-1)
     if size.dim() != 2 or size.shape[0] != B or size.shape[1] != N:
         raise ValueError(f"{name} must have shape [B, N] or [B, N, 1] with B={B}, N={N}, got {tuple(size.shape)}")
-    return size.float()
+    size = size.float()
+    check_positive_finite(size, name)
+    return size
+
+
+def check_positive_finite(values: torch.Tensor, name: str) -> None:
+    """Every element of ``values`` must be finite and > 0 (``ValueError``; asynchronous on CUDA)."""
+    ok = (values > 0) & torch.isfinite(values)
+    if values.is_cuda or torch.compiler.is_compiling():  # no host sync, no graph break
+        torch._assert_async(ok.all(), f"{name} must be finite and > 0 everywhere")
+    elif not bool(ok.all()):
+        bad = values[~ok]
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got {bad.numel()} value(s) that are "
+                         f"not (e.g. {bad.flatten()[0].item()})")
 
 
 def check_metric(metric: Optional[torch.Tensor], x: torch.Tensor, name: str = "metric") -> torch.Tensor:

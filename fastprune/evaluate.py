@@ -60,6 +60,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import flops
+
 #: Default weights file (in ``<data>/weights``) for the models the project evaluates.
 DEFAULT_WEIGHTS = {
     "vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors",
@@ -394,9 +396,8 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
     """GFLOPs of one forward pass of ``model`` on one image, counted with ``FlopCounterMode``.
 
     FLOPs are ``2 x`` multiply-adds of convolutions and matrix products (torch's counter). Attention
-    is counted whether it runs through ``F.scaled_dot_product_attention`` (torch registers a formula
-    for every SDPA backend, the CPU one ``aten._scaled_dot_product_flash_attention_for_cpu``
-    included: checked on torch 2.15, and the counted value equals the explicit path's) or through the
+    counts the same whether it runs through ``F.scaled_dot_product_attention`` (every SDPA kernel is
+    counted by :func:`fastprune.flops.sdpa_flops`, whatever torch's own counter knows) or through the
     explicit ``q @ k^T``/``attn @ v`` path. Work inside compiled custom operators (fastprune's C++ /
     Triton kernels) is NOT counted by torch's counter: use :func:`setting_gflops`, which counts the
     token reduction through its PyTorch reference.
@@ -413,13 +414,11 @@ def count_gflops(model: torch.nn.Module, image: torch.Tensor) -> float:
         RuntimeError: the model has attention blocks but no attention FLOPs were recorded (an SDPA
             kernel the counter does not know; count with the explicit path then).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if image.dim() == 3:
         image = image[None]
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must have shape [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
-    counter = FlopCounterMode(display=False)
+    counter = flops.counter()
     with torch.no_grad(), counter:
         model(image)
     has_attention = any(hasattr(m, "qkv") for m in model.modules())

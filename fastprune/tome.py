@@ -83,7 +83,7 @@ class Matching(NamedTuple):
 
 
 def _check_r(r, name: str = "r") -> int:
-    """``r`` must be a Python (or 0-d integer tensor) int ``>= 0``; bool is rejected."""
+    """``r`` must be an int (any ``numbers.Integral``, not bool) ``>= 0``."""
     r = _checks.check_int(r, name, -2 ** 62, 2 ** 62)
     if r < 0:
         raise ValueError(f"{name} must be >= 0 (tokens merged in a block; clipped to (N - p) // 2), got {r}")

@@ -52,6 +52,8 @@ class KernelSpec:
         constexprs: value of every ``tl.constexpr`` argument by name.
         num_warps: warps per program, as the launcher uses.
         num_stages: software-pipelining stages (Triton's default when None).
+        divisible: integer arguments a ViT-shaped launch passes as multiples of 16 (channel counts:
+            192, 384, 768...), specialised as such by :meth:`jit_specialized`.
     """
 
     name: str
@@ -60,6 +62,37 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: Union[int, None] = None
+    divisible: tuple = ("C", "CM")
+    #: Triton ``attrs`` (``{(arg index,): [["tt.divisibility", 16]]}``) of a JIT-specialised variant.
+    attrs: Union[dict, None] = None
+
+    def jit_specialized(self) -> "KernelSpec":
+        """This spec as Triton's JIT compiles it for contiguous, 16-aligned tensors of ViT shapes.
+
+        The JIT specialises a launch on its values: an integer argument equal to 1 becomes the
+        constant 1, pointers and integers divisible by 16 get ``tt.divisibility = 16`` (which enables
+        vector loads). For contiguous tensors the innermost stride is 1: the last ``stride_<t>*``
+        argument of each tensor ``<t>`` (arguments are ordered outer to inner) becomes the constant
+        1; the other strides of a rank-3 tensor are multiples of its channel count, so divisible by
+        16, like the arguments named in :attr:`divisible`.
+        """
+        groups: dict = {}
+        for arg in self.signature:
+            if arg.startswith("stride_") and len(arg) > len("stride_") + 1:
+                groups.setdefault(arg[:-1], []).append(arg)
+        constexprs = dict(self.constexprs)
+        signature = dict(self.signature)
+        divisible = {arg for arg, ty in signature.items() if ty.startswith("*")}
+        divisible |= {arg for arg in self.divisible if arg in signature}
+        for strides in groups.values():
+            constexprs[strides[-1]] = 1
+            del signature[strides[-1]]
+            if len(strides) >= 3:
+                divisible |= set(strides[:-1])
+        names = list(getattr(self.kernel, "arg_names", ()))
+        attrs = {(names.index(arg),): [["tt.divisibility", 16]] for arg in divisible if arg in names}
+        return dataclasses.replace(self, name=f"{self.name}@jit", signature=signature, constexprs=constexprs,
+                                   attrs=attrs)
 
 
 _REGISTRY: list[Union[KernelSpec, Callable[[], Iterable[KernelSpec]]]] = []
@@ -85,12 +118,19 @@ def _import_kernel_modules() -> None:
             importlib.import_module(f"{package.__name__}.{info.name}")
 
 
-def registered_specs() -> list[KernelSpec]:
-    """All registered specs, after importing every ``fastprune.kernels`` module. Names are unique."""
+def registered_specs(jit_specialized: bool = True) -> list[KernelSpec]:
+    """All registered specs, after importing every ``fastprune.kernels`` module. Names are unique.
+
+    With ``jit_specialized`` each spec is followed by its :meth:`KernelSpec.jit_specialized` variant
+    (named ``<name>@jit``): the kernel that actually runs for contiguous inputs.
+    """
     _import_kernel_modules()
     specs: list[KernelSpec] = []
     for entry in _REGISTRY:
-        specs.extend([entry] if isinstance(entry, KernelSpec) else list(entry()))
+        for spec in [entry] if isinstance(entry, KernelSpec) else list(entry()):
+            specs.append(spec)
+            if jit_specialized:
+                specs.append(spec.jit_specialized())
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -132,7 +172,7 @@ def _jit_function(kernel):
     return kernel
 
 
-def _ast_source(fn, signature: dict, constexprs: dict):
+def _ast_source(fn, signature: dict, constexprs: dict, attrs: Union[dict, None] = None):
     """``triton.compiler.ASTSource`` across Triton versions.
 
     Triton >= 3.3 (3.6 on the GPU machine, 3.9 here) wants constexpr arguments in ``signature`` as
@@ -147,7 +187,7 @@ def _ast_source(fn, signature: dict, constexprs: dict):
     if missing:
         raise ValueError(f"{fn.__name__}: the spec gives no type or constexpr value for {missing}")
     try:
-        return ASTSource(fn=fn, signature=full, constexprs=dict(constexprs))
+        return ASTSource(fn=fn, signature=full, constexprs=dict(constexprs), attrs=attrs)
     except TypeError:
         return ASTSource(fn=fn, signature={k: v for k, v in full.items() if v != "constexpr"},
                          constants={fn.arg_names.index(k): v for k, v in constexprs.items()})
@@ -168,7 +208,7 @@ def compile_spec(spec: KernelSpec, cc: int):
     options = {"num_warps": spec.num_warps}
     if spec.num_stages is not None:
         options["num_stages"] = spec.num_stages
-    src = _ast_source(fn, spec.signature, spec.constexprs)
+    src = _ast_source(fn, spec.signature, spec.constexprs, spec.attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
@@ -181,13 +221,72 @@ def _cuobjdump_path() -> Union[str, None]:
         return None
 
 
-def resource_usage(compiled) -> dict:
-    """Registers, stack bytes (register spills and local arrays) and shared memory of a compiled kernel.
+#: Register file per SM (32-bit registers) and the most resident warps per SM, sm_80 and sm_90.
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
 
-    Read from the cubin with ``cuobjdump -res-usage``; values are None where that tool is missing.
+
+def resident_warps(registers: int, num_warps: int, shared_bytes: int = 0, shared_per_sm: int = 228 * 1024) -> int:
+    """Warps of one kernel that fit on an SM at once, limited by registers (allocated per warp in
+    units of 256, i.e. per-thread counts rounded up to 8) and by shared memory per program."""
+    per_warp = -(-registers // 8) * 8 * 32
+    programs = REGISTERS_PER_SM // (per_warp * num_warps)
+    if shared_bytes:
+        programs = min(programs, shared_per_sm // shared_bytes)
+    return min(programs * num_warps, MAX_WARPS_PER_SM)
+
+
+_SASS_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_SASS_BRANCH = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+|`\(\.L_x_(\d+)\))")
+
+
+def local_memory_in_loops(sass: str) -> dict:
+    """Local-memory accesses (``LDL``/``STL``: register spills, local arrays) in a kernel's SASS.
+
+    Returns ``{"total": n, "in_loops": m, "loop_density": d}``: an access is in a loop when it lies
+    between a backward branch and its target (the loop's body), so it runs once per iteration;
+    ``d`` is the largest fraction of a loop body's instructions that are local accesses (0.0 if none).
+    """
+    rows, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.L_x_(\d+):", line)
+        if label:
+            labels[label.group(1)] = len(rows)
+        m = _SASS_ADDRESS.search(line)
+        if m:
+            rows.append((int(m.group(1), 16), m.group(2)))
+    addresses = [a for a, _ in rows]
+    loops = []
+    for i, (address, text) in enumerate(rows):
+        branch = _SASS_BRANCH.search(text)
+        if not branch:
+            continue
+        if branch.group(2) is not None:
+            target_row = labels.get(branch.group(2))
+            target = addresses[target_row] if target_row is not None and target_row < len(rows) else None
+        else:
+            target = int(branch.group(1), 16)
+        if target is not None and target <= address:
+            loops.append((target, address))
+    local = [a for a, text in rows if re.match(r"(@!?U?P\d\s+)?(LDL|STL)\b", text)]
+    in_loops = [a for a in local if any(lo <= a <= hi for lo, hi in loops)]
+    density = 0.0
+    for lo, hi in loops:
+        hits = sum(lo <= a <= hi for a in local)
+        if hits:
+            density = max(density, hits / sum(lo <= a <= hi for a in addresses))
+    return {"total": len(local), "in_loops": len(in_loops), "loop_density": density}
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, stack bytes (register spills and local arrays), shared memory and local-memory
+    accesses (all, and inside loops: see :func:`local_memory_in_loops`) of a compiled kernel.
+
+    Read from the cubin with ``cuobjdump -res-usage`` and ``-sass``; None where that tool is missing.
     """
     usage = {"registers": None, "stack_bytes": None, "local_bytes": None,
-             "shared_bytes": getattr(compiled.metadata, "shared", None)}
+             "shared_bytes": getattr(compiled.metadata, "shared", None),
+             "local_accesses": None, "local_accesses_in_loops": None, "loop_local_density": None}
     tool = _cuobjdump_path()
     cubin = compiled.asm.get("cubin")
     if tool is None or not cubin:
@@ -196,10 +295,15 @@ def resource_usage(compiled) -> dict:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     for key, field in (("registers", "REG"), ("stack_bytes", "STACK"), ("local_bytes", "LOCAL")):
         m = re.search(rf"\b{field}:(\d+)", text)
         if m:
             usage[key] = int(m.group(1))
+    if sass:
+        local = local_memory_in_loops(sass)
+        usage["local_accesses"], usage["local_accesses_in_loops"] = local["total"], local["in_loops"]
+        usage["loop_local_density"] = local["loop_density"]
     return usage
 
 

