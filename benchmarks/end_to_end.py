@@ -111,10 +111,13 @@ def apply_variant(model: torch.nn.Module, method: Optional[str], kwargs: dict) -
 
 
 def gflops_per_image(model: torch.nn.Module, image: torch.Tensor) -> float:
-    """FLOPs of one forward at batch 1 counted by FlopCounterMode, in GFLOPs (2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward at batch 1 counted by FlopCounterMode, in GFLOPs (2 per multiply-add).
 
-    counter = FlopCounterMode(display=False)
+    Every SDPA kernel is counted like the explicit ``q k^T`` / ``attn v`` products
+    (:func:`fastprune.flops.counter`), so the count does not depend on the torch release."""
+    from fastprune import flops
+
+    counter = flops.counter()
     with torch.no_grad(), counter:
         model(image)
     return counter.get_total_flops() / image.shape[0] / 1e9
