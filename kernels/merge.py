@@ -1,7 +1,7 @@
 """Fused MSTM token merging: Triton kernels, their launchers and the autograd Function.
 
-Semantics: "Multi-Scale And Token Mergence: Make Your ViT More Efficient" (Bian et al., 2023), as
-specified in METHODS.md and written out step by step in :func:`fastprune.reference.mstm_merge`, which
+Semantics: "Multi-Scale And Token Mergence: Make Your ViT More Efficient" (Bian et al., 2023),
+written out step by step in :func:`fastprune.reference.mstm_merge`, which
 this file reproduces exactly (same selection, same matching, same index map, same merge arithmetic):
 
 1. **top-k selection**: keep the prefix tokens and the ``N - p - r`` non-prefix tokens with the largest
@@ -18,8 +18,9 @@ Forward = two kernel launches, no host synchronisation, no sort, no memset:
 * :func:`_mstm_select_match_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): top-k threshold by a bitwise
   search over unique integer keys, output slots, and the cosine argmax of the sources; writes the index
   map ``[B, N]``.
-* :func:`_mstm_weighted_merge_kernel` (grid ``(B, cdiv(N - r, BLOCK_S), cdiv(C, BLOCK_C))``): the
-  weighted merge as a one-hot x weight matrix product, plus the merged sizes and weight totals.
+* :func:`_mstm_weighted_merge_kernel` (grid ``(B, cdiv(N - r, ROWS))``): the weighted merge as a
+  gather (each output row reads the tokens sent to it, x is read once), plus the merged sizes and
+  weight totals.
 
 Backward = one launch, :func:`_mstm_merge_backward_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): gradients
 w.r.t. ``x``, and w.r.t. the merge weights, mapped in-kernel onto ``scores`` (``weight="size_attn"``)
@@ -211,69 +212,58 @@ def _mstm_weighted_merge_kernel(
         index_ptr, out_ptr, size_out_ptr, wsum_ptr,
         N, C, S,
         HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Weighted merge of one ``[BLOCK_S, BLOCK_C]`` tile of output tokens of one image.
+        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Weighted merge of ``ROWS`` output tokens of one image, as a gather.
 
-    One program (image ``b``, output tokens ``s``, channels ``c``) makes two passes over the ``N``
-    input tokens in chunks of ``BLOCK_K``, with the one-hot matrix ``hit[s, k] = (index[b, k] == s)``:
+    One program (image ``b``, output tokens ``s0 .. s0 + ROWS``) loads the image's index map and merge
+    weights once (``BLOCK_N >= N`` entries), then for each of its output tokens ``s``:
 
-    1. ``W_s = sum_k hit * w_k`` and ``size'_s = sum_k hit * size_k`` (index, score and size loads only);
-    2. ``acc += (hit * w_k / W_s) @ x[b, k, c]`` — an fp32 IEEE ``tl.dot`` of ``[BLOCK_S, BLOCK_K]``
-       by ``[BLOCK_K, BLOCK_C]``, skipped for chunks that send nothing to the tile. Dividing each
-       weight by its total first makes a lone token's weight exactly 1, so it is copied bit-exactly.
+    1. ``W_s = sum_{i -> s} w_i`` and ``size'_s = sum_{i -> s} size_i`` (vector reductions);
+    2. walks the tokens sent to ``s`` in increasing position and accumulates ``(w_i / W_s) x_i``
+       over all channels (``BLOCK_C`` at a time), reading each contributing row once.
 
-    Stores ``out[b, s, c]`` in the output dtype; the program with ``pid_c == 0`` also stores
+    Every input row belongs to exactly one output, so x is read once and the output written once:
+    ``B (N + S) C`` elements, plus ``N`` indices, scores and sizes per program (from L2 after the
+    first program of an image). Nothing is multiplied by a zero weight, so a NaN or inf in one token
+    reaches only the output it is merged into. ``w_i / W_s`` is an IEEE division (``tl.div_rn``): a
+    token that absorbs nothing has share exactly 1 and is copied bit-exactly. The program stores
     ``size'_s`` and ``W_s`` (float32; ``W`` is kept for the backward pass).
-    Memory traffic per program: ``N`` indices/scores/sizes twice, and ``BLOCK_C`` channels of only the
-    input chunks that hit the tile (about ``BLOCK_S + r`` tokens in the worst case, ``BLOCK_S`` plus
-    the tile's sources typically); writes ``BLOCK_S x BLOCK_C`` outputs.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    pid_c = tl.program_id(2)
     score_row = scores_ptr + pid_b * stride_sb
     size_row = size_ptr + pid_b * stride_zb
-    index_row = index_ptr + pid_b * N
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-
-    # 1. weight totals and merged sizes.
-    wsum = tl.zeros([BLOCK_S], tl.float32)
-    ssum = tl.zeros([BLOCK_S], tl.float32)
-    for k0 in range(0, N, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        valid_k = offs_k < N
-        dest = tl.load(index_row + offs_k, mask=valid_k, other=-1)
-        w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_k, valid_k,
-                                 HAS_SIZE, SIZE_ATTN, W_EPS)
-        hit = dest[None, :] == offs_s[:, None]
-        wsum += tl.sum(tl.where(hit, w[None, :], 0.0), axis=1)
-        ssum += tl.sum(tl.where(hit, size[None, :], 0.0), axis=1)
-    denom = tl.where(wsum > 0.0, wsum, 1.0)
-
-    # 2. acc = sum_k (w_k / W_s) x_k over the tokens k sent to s.
-    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for k0 in range(0, N, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        valid_k = offs_k < N
-        dest = tl.load(index_row + offs_k, mask=valid_k, other=-1)
-        hit = dest[None, :] == offs_s[:, None]
-        n_hit = tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-        if n_hit > 0:
-            w, _ = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_k, valid_k,
-                                  HAS_SIZE, SIZE_ATTN, W_EPS)
-            share = tl.where(hit, w[None, :] / denom[:, None], 0.0)
-            xk = tl.load(x_ptr + pid_b * stride_xb + offs_k[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                         mask=valid_k[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(share, xk, input_precision="ieee")
-
-    smask = offs_s < S
-    out_ptrs = out_ptr + pid_b * S * C + offs_s[:, None] * C + offs_c[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=smask[:, None] & cmask[None, :])
-    if pid_c == 0:
-        tl.store(size_out_ptr + pid_b * S + offs_s, ssum, mask=smask)
-        tl.store(wsum_ptr + pid_b * S + offs_s, wsum, mask=smask)
+    x_row = x_ptr + pid_b * stride_xb
+    out_row = out_ptr + pid_b * S * C
+    offs_n = tl.arange(0, BLOCK_N)
+    valid_n = offs_n < N
+    dest = tl.load(index_ptr + pid_b * N + offs_n, mask=valid_n, other=-1).to(tl.int32)
+    w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_n, valid_n,
+                             HAS_SIZE, SIZE_ATTN, W_EPS)
+    offs_c = tl.arange(0, BLOCK_C)
+    for j in range(ROWS):
+        s_out = pid_s * ROWS + j
+        if s_out < S:
+            hit = dest == s_out
+            wsum = tl.sum(tl.where(hit, w, 0.0), axis=0)
+            ssum = tl.sum(tl.where(hit, size, 0.0), axis=0)
+            n_in = tl.sum(hit.to(tl.int32), axis=0)
+            denom = tl.where(wsum > 0.0, wsum, 1.0)
+            for c0 in range(0, C, BLOCK_C):
+                cmask = (c0 + offs_c) < C
+                acc = tl.zeros([BLOCK_C], tl.float32)
+                prev = -1
+                for _t in range(n_in):
+                    i = tl.min(tl.where(hit & (offs_n > prev), offs_n, BLOCK_N), axis=0)
+                    w_i = tl.sum(tl.where(offs_n == i, w, 0.0), axis=0)
+                    xi = tl.load(x_row + i.to(tl.int64) * stride_xn + (c0 + offs_c) * stride_xc,
+                                 mask=cmask, other=0.0).to(tl.float32)
+                    acc += tl.div_rn(w_i, denom) * xi
+                    prev = i
+                tl.store(out_row + s_out.to(tl.int64) * C + c0 + offs_c, acc.to(out_ptr.dtype.element_ty),
+                         mask=cmask)
+            tl.store(size_out_ptr + pid_b * S + s_out, ssum)
+            tl.store(wsum_ptr + pid_b * S + s_out, wsum)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,9 +354,14 @@ def _select_match_config(N: int) -> tuple[dict, int]:
     return consts, (4 if small else 8)
 
 
-def _merge_config(has_size: bool, size_attn: bool) -> tuple[dict, int]:
-    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_S=32, BLOCK_K=32, BLOCK_C=32)
-    return consts, 4
+def _merge_config(N: int, C: int, has_size: bool, size_attn: bool) -> tuple[dict, int]:
+    """The gather merge: the whole index row in one tile, 16 output rows a program, up to 1024 channels
+    at a time (a [BLOCK_C] fp32 accumulator)."""
+    block_n = max(16, triton.next_power_of_2(N))
+    block_c = min(1024, max(16, triton.next_power_of_2(C)))
+    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=16,
+                  BLOCK_C=block_c)
+    return consts, (4 if block_c * block_n <= 256 * 1024 else 8)
 
 
 def _backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscores: bool,
@@ -439,8 +434,8 @@ def _weighted_merge(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.
     size_out = torch.empty(B, S, dtype=torch.float32, device=x.device)
     wsum = torch.empty(B, S, dtype=torch.float32, device=x.device)
     sz = scores if size is None else size  # a valid pointer when HAS_SIZE is off; never read then
-    consts, num_warps = _merge_config(size is not None, size_attn)
-    grid = (B, triton.cdiv(S, consts["BLOCK_S"]), triton.cdiv(C, consts["BLOCK_C"]))
+    consts, num_warps = _merge_config(N, C, size is not None, size_attn)
+    grid = (B, triton.cdiv(S, consts["ROWS"]))
     kernel = wrap_triton(_mstm_weighted_merge_kernel) if traceable else _mstm_weighted_merge_kernel
     kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
@@ -670,7 +665,7 @@ def _aot_specs() -> list[KernelSpec]:
     for dtype, has_size, size_attn in ((torch.float32, True, False), (torch.float16, True, True),
                                        (torch.bfloat16, False, False), (torch.bfloat16, True, True)):
         t = _PTR[dtype]
-        consts, warps = _merge_config(has_size, size_attn)
+        consts, warps = _merge_config(197, 768, has_size, size_attn)
         specs.append(KernelSpec(
             name("mstm_weighted_merge", dtype, ("size_attn" if size_attn else "size") + ("" if has_size else ",ones")),
             _mstm_weighted_merge_kernel,
