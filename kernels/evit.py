@@ -1,7 +1,7 @@
 """Fused EViT inattentive token fusion: Triton kernels, their launchers and the autograd Function.
 
 Semantics: "Not All Patches are What You Need: Expediting Vision Transformers via Token
-Reorganizations" (Liang et al., ICLR 2022), as specified in METHODS.md and written out step by step in
+Reorganizations" (Liang et al., ICLR 2022), written out step by step in
 :func:`fastprune.evit.evit_reference`, which this file reproduces (same selection, same order, same
 arithmetic in float32):
 
@@ -139,7 +139,8 @@ def _evit_fwd_kernel(
         tl.store(out_row + slot[:, None] * C + offs_c[None, :], xt.to(out_ptr.dtype.element_ty),
                  mask=keep[:, None] & cmask[None, :])
         a = tl.load(score_row + offs_t * stride_sn, mask=fuse, other=0.0).to(tl.float32)
-        fused += tl.sum(a[:, None] * xt.to(tl.float32), axis=0)
+        # where, not a zero weight: a NaN/inf in a kept token must not reach the fused token
+        fused += tl.sum(tl.where(fuse[:, None], a[:, None] * xt.to(tl.float32), 0.0), axis=0)
         wsum += tl.sum(a, axis=0)
         size_t = tl.load(size_row + offs_t * stride_zn, mask=valid_t, other=0.0).to(tl.float32)
         size_sum += tl.sum(tl.where(fuse, size_t, 0.0), axis=0)

@@ -42,3 +42,19 @@ def test_lone_tokens_bit_identical_and_deterministic(device, dtype):
             i = (got.index[b] == s).nonzero().item()
             assert torch.equal(got.x[b, s], x[b, i])
     torch.testing.assert_close(got.size, torch.zeros(B, N - r, device=device).scatter_add(1, got.index, size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_evit_kept_non_finite_token_does_not_reach_the_fused_token(device, dtype):
+    from fastprune.kernels.evit import evit_triton
+
+    B, N, C = 2, 19, 32
+    x = torch.randn(B, N, C, device=device).to(dtype)
+    scores = torch.rand(B, N, device=device)
+    j = int(scores[0, 1:].argmax()) + 1  # the most attended patch: always kept
+    x[0, j, 0] = float("nan")
+    got = evit_triton(x, scores, 9)
+    nonfinite = ~torch.isfinite(got.x.float()).all(-1)
+    expected = torch.zeros_like(nonfinite)
+    expected[0, got.index[0, j]] = True
+    assert torch.equal(nonfinite, expected)
