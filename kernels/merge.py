@@ -307,7 +307,7 @@ def _mstm_merge_backward_kernel(
     wsum = tl.load(wsum_ptr + pid_b * S + dest, mask=valid_i, other=1.0)
     w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_i, valid_i,
                              HAS_SIZE, SIZE_ATTN, W_EPS)
-    share = w / wsum
+    share = tl.div_rn(w, wsum)  # IEEE, as in the forward: a lone token's gradient is g exactly
 
     offs_c = tl.arange(0, BLOCK_C)
     dw = tl.zeros([BLOCK_I], tl.float32)
@@ -328,7 +328,7 @@ def _mstm_merge_backward_kernel(
             dw += tl.sum(g * (xi - xd), axis=1)
 
     if NEED_GW:
-        gw = dw / wsum
+        gw = tl.div_rn(dw, wsum)
         if SIZE_ATTN:
             s = tl.load(score_row + offs_i * stride_sn, mask=valid_i, other=0.0).to(tl.float32)
             if NEED_GSCORES:
