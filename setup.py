@@ -29,8 +29,9 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["fastprune", "fastprune.kernels"]
-PACKAGE_DIR = {"fastprune": "fastprune", "fastprune.kernels": "kernels"}
+PACKAGES = ["fastprune", "fastprune.kernels", "fastprune.patch", "fastprune.evaluation"]
+PACKAGE_DIR = {"fastprune": "fastprune", "fastprune.kernels": "kernels", "fastprune.patch": "fastprune/patch",
+               "fastprune.evaluation": "fastprune/evaluation"}
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 
@@ -89,7 +90,7 @@ def _extensions():
     ext_modules = [
         cpp_extension.CppExtension(
             "fastprune._C",
-            sources=[f"{CSRC}/ops.cpp", f"{CSRC}/merge_cpu.cpp", f"{CSRC}/tokens_cpu.cpp"],
+            sources=[f"{CSRC}/ops.cpp", f"{CSRC}/merge_cpu.cpp"],
             include_dirs=[os.path.join(HERE, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],

@@ -1,10 +1,9 @@
 // Shared declarations of fastprune's compiled extension: constants of the method, argument checks
-// used by both the CPU (merge_cpu.cpp, tokens_cpu.cpp) and the CUDA (merge_cuda.cu) kernels, and the
+// used by both the CPU (merge_cpu.cpp) and the CUDA (merge_cuda.cu) kernels, and the
 // CPU entry points that ops.cpp registers as torch.ops.fastprune.*.
 //
 // The semantics are those of fastprune/reference.py (the specification): MSTM token merging
-// ("Multi-Scale And Token Mergence", Bian et al., 2023) and the gather/scatter of IdleViT ("No Token
-// Left Behind", Xu et al., 2023). Errors use TORCH_CHECK_VALUE / TORCH_CHECK_TYPE so that Python
+// ("Multi-Scale And Token Mergence", Bian et al., 2023). Errors use TORCH_CHECK_VALUE / TORCH_CHECK_TYPE so that Python
 // sees ValueError / TypeError naming the argument.
 #pragma once
 
@@ -135,7 +134,7 @@ inline void check_merge_backward_args(const at::Tensor& grad_x, const at::Tensor
   }
 }
 
-// ---- CPU entry points (merge_cpu.cpp, tokens_cpu.cpp) ----
+// ---- CPU entry points (merge_cpu.cpp) ----
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mstm_merge_cpu(
     const at::Tensor& x, const at::Tensor& scores, const std::optional<at::Tensor>& size,
@@ -146,11 +145,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mstm_merge_backward_cpu(
     const at::Tensor& grad_x, const at::Tensor& grad_size, const at::Tensor& x,
     const at::Tensor& scores, const std::optional<at::Tensor>& size, const at::Tensor& index,
     c10::string_view weight);
-
-at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index);
-at::Tensor scatter_tokens_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& src);
-void scatter_tokens_inplace_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& src);
-at::Tensor scatter_add_tokens_cpu(const at::Tensor& x, const at::Tensor& index,
-                                  const at::Tensor& src);
 
 }  // namespace fastprune

@@ -20,23 +20,11 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("mstm_merge_backward(Tensor grad_x, Tensor grad_size, Tensor x, Tensor scores, "
         "Tensor? size, Tensor index, str weight) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
-  // Token idling (IdleViT, Xu et al., 2023): rows of x [B, N, C] selected by index [B, K].
-  m.def("gather_tokens(Tensor x, Tensor index) -> Tensor", {at::Tag::pt2_compliant_tag});
-  m.def("scatter_tokens(Tensor x, Tensor index, Tensor src) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
-  m.def("scatter_tokens_inplace(Tensor(a!) x, Tensor index, Tensor src) -> ()",
-        {at::Tag::pt2_compliant_tag});
-  m.def("scatter_add_tokens(Tensor x, Tensor index, Tensor src) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("mstm_merge", &fastprune::mstm_merge_cpu);
   m.impl("mstm_merge_backward", &fastprune::mstm_merge_backward_cpu);
-  m.impl("gather_tokens", &fastprune::gather_tokens_cpu);
-  m.impl("scatter_tokens", &fastprune::scatter_tokens_cpu);
-  m.impl("scatter_tokens_inplace", &fastprune::scatter_tokens_inplace_cpu);
-  m.impl("scatter_add_tokens", &fastprune::scatter_add_tokens_cpu);
 }
 
 // `import fastprune._C` runs the static registrations above; the module itself is empty.

@@ -17,9 +17,6 @@ float64 ``x``):
   MSTM merging (Bian et al., 2023), exactly :func:`fastprune.reference.mstm_merge`.
 * ``mstm_merge_backward(grad_x', grad_size', x, scores, size?, index, weight)
   -> (grad_x, grad_scores, grad_size)``.
-* ``gather_tokens(x, index [B, K]) -> [B, K, C]``, ``scatter_tokens(x, index, src) -> [B, N, C]``,
-  ``scatter_tokens_inplace(x!, index, src)`` and ``scatter_add_tokens(x, index, src)``: the token
-  movement of IdleViT (Xu et al., 2023).
 """
 from __future__ import annotations
 
@@ -28,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import _checks
-from .reference import Merged, compute_dtype
+from .reference import MERGE_WEIGHTS, Merged, compute_dtype
 
 _LOAD_ERROR: Optional[str] = None
 _CUDA_LOAD_ERROR: Optional[str] = None
@@ -49,7 +46,7 @@ else:
     _CUDA_LOAD_ERROR = "the CPU extension fastprune._C is not loaded"
 
 #: Weighting schemes of the merge, as in :func:`fastprune.reference.merge_weights`.
-WEIGHTS = ("size", "size_attn")
+WEIGHTS = MERGE_WEIGHTS
 
 
 def available() -> bool:
@@ -103,18 +100,6 @@ def _fake_mstm_merge_backward(grad_x, grad_size, x, scores, size, index, weight)
     return torch.empty_like(x), torch.empty_like(scores), torch.empty_like(scores)
 
 
-def _fake_gather_tokens(x, index):
-    return x.new_empty(x.shape[0], index.shape[1], x.shape[2])
-
-
-def _fake_scatter_tokens(x, index, src):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _fake_scatter_tokens_inplace(x, index, src):
-    return None
-
-
 def _setup_mstm_merge(ctx, inputs, output):
     x, scores, size, metric, r, num_prefix_tokens, weight = inputs
     ctx.save_for_backward(x, scores, size, output[2])
@@ -137,81 +122,12 @@ def _backward_mstm_merge(ctx, grad_x, grad_size, grad_index):
             gsize if ctx.has_size and needs[2] else None, None, None, None, None)
 
 
-def _setup_gather(ctx, inputs, output):
-    x, index = inputs
-    ctx.save_for_backward(index)
-    ctx.num_tokens = x.shape[1]
-
-
-def _backward_gather(ctx, grad):
-    (index,) = ctx.saved_tensors
-    B, K, C = grad.shape
-    zeros = grad.new_zeros(B, ctx.num_tokens, C)
-    return torch.ops.fastprune.scatter_add_tokens(zeros, index, grad.contiguous()), None
-
-
-def _setup_scatter(ctx, inputs, output):
-    x, index, src = inputs
-    ctx.save_for_backward(index)
-
-
-def _backward_scatter(ctx, grad):
-    (index,) = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_src = torch.ops.fastprune.gather_tokens(grad, index)
-    grad_x = torch.ops.fastprune.scatter_tokens(grad, index, torch.zeros_like(grad_src))
-    return grad_x, None, grad_src
-
-
-def _backward_scatter_add(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return grad, None, torch.ops.fastprune.gather_tokens(grad.contiguous(), index)
-
-
-# CUDA kernels of the token movement: plain torch indexing (memory-bound copies; the compiled CUDA
-# extension only carries the fused merge). Repeated positions in scatter_tokens are not detected here.
-def _expand_index(index: torch.Tensor, C: int) -> torch.Tensor:
-    return index[..., None].expand(index.shape[0], index.shape[1], C)
-
-
-def _cuda_gather_tokens(x, index):
-    return x.gather(1, _expand_index(index, x.shape[2]))
-
-
-def _cuda_scatter_tokens(x, index, src):
-    return x.contiguous().clone().scatter_(1, _expand_index(index, x.shape[2]), src)
-
-
-def _cuda_scatter_tokens_inplace(x, index, src):
-    x.scatter_(1, _expand_index(index, x.shape[2]), src)
-
-
-def _cuda_scatter_add_tokens(x, index, src):
-    acc = compute_dtype(x)
-    out = x.to(acc, copy=True).scatter_add_(1, _expand_index(index, x.shape[2]), src.to(acc))
-    return out.to(x.dtype).contiguous()
-
-
 def _register() -> None:
     lib = "fastprune::"
     torch.library.register_fake(lib + "mstm_merge", _fake_mstm_merge)
     torch.library.register_fake(lib + "mstm_merge_backward", _fake_mstm_merge_backward)
-    torch.library.register_fake(lib + "gather_tokens", _fake_gather_tokens)
-    torch.library.register_fake(lib + "scatter_tokens", _fake_scatter_tokens)
-    torch.library.register_fake(lib + "scatter_tokens_inplace", _fake_scatter_tokens_inplace)
-    torch.library.register_fake(lib + "scatter_add_tokens", _fake_scatter_tokens)
-    torch.library.impl(lib + "gather_tokens", "CUDA", _cuda_gather_tokens)
-    torch.library.impl(lib + "scatter_tokens", "CUDA", _cuda_scatter_tokens)
-    torch.library.impl(lib + "scatter_tokens_inplace", "CUDA", _cuda_scatter_tokens_inplace)
-    torch.library.impl(lib + "scatter_add_tokens", "CUDA", _cuda_scatter_add_tokens)
     torch.library.register_autograd(lib + "mstm_merge", _backward_mstm_merge,
                                     setup_context=_setup_mstm_merge)
-    torch.library.register_autograd(lib + "gather_tokens", _backward_gather,
-                                    setup_context=_setup_gather)
-    torch.library.register_autograd(lib + "scatter_tokens", _backward_scatter,
-                                    setup_context=_setup_scatter)
-    torch.library.register_autograd(lib + "scatter_add_tokens", _backward_scatter_add,
-                                    setup_context=_setup_scatter)
 
 
 if _C is not None:
@@ -289,63 +205,3 @@ def mstm_merge_cpp(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optional
     _require(cuda=x.is_cuda)
     out, size_out, index = torch.ops.fastprune.mstm_merge(x, scores, size, metric, r, p, weight)
     return Merged(out, size_out, index)
-
-
-def _check_token_index(x: torch.Tensor, index, name: str = "index") -> None:
-    _check_tokens(x)
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B, K], got {type(index).__name__}")
-    if index.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64, got {index.dtype}")
-    _checks.check_same_device(x, index, name)
-    if index.dim() != 2 or index.shape[0] != x.shape[0]:
-        raise ValueError(f"{name} must have shape [B, K] with B={x.shape[0]}, got {tuple(index.shape)}")
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Token idling, step 1 (IdleViT, Xu et al., 2023): the selected token rows, ``x[b, index[b, k]]``.
-
-    Args:
-        x: tokens ``[B, N, C]`` (float32 / float16 / bfloat16).
-        index: ``[B, K]`` int64 positions in ``[0, N)``, e.g. the prefix tokens plus the top-K by
-            cls attention; repeats are allowed (their gradients add up).
-
-    Returns:
-        ``[B, K, C]`` tokens in x's dtype, bit-identical copies of the selected rows.
-
-    Raises:
-        TypeError / ValueError: bad tensors, shapes, dtypes, devices, or positions out of range.
-    """
-    _check_token_index(x, index)
-    _require()
-    return torch.ops.fastprune.gather_tokens(x, index)
-
-
-def scatter_tokens(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *,
-                   inplace: bool = False) -> torch.Tensor:
-    """Token idling, step 2 (IdleViT): write the processed rows ``src`` back to their positions.
-
-    ``out[b, index[b, k]] = src[b, k]``; every other row of ``x`` (the idle tokens) is copied
-    unchanged, bit for bit.
-
-    Args:
-        x: tokens ``[B, N, C]``.
-        index: ``[B, K]`` int64 positions in ``[0, N)``, no repeats within an image.
-        src: ``[B, K, C]`` processed tokens, x's dtype.
-        inplace: write into ``x`` (contiguous; no autograd) instead of returning a new tensor
-            (differentiable w.r.t. ``x`` and ``src``).
-
-    Returns:
-        The updated tokens ``[B, N, C]`` (``x`` itself when ``inplace``).
-
-    Raises:
-        TypeError / ValueError: bad tensors, shapes, dtypes, devices, positions out of range or
-        repeated.
-    """
-    _check_token_index(x, index)
-    _check_tokens(src, "src")
-    _require()
-    if inplace:
-        torch.ops.fastprune.scatter_tokens_inplace(x, index, src)
-        return x
-    return torch.ops.fastprune.scatter_tokens(x, index, src)

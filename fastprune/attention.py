@@ -1,41 +1,37 @@
-"""Class attention without the N x N map, and proportional attention that keeps SDPA fused.
+"""Attention primitives: class attention without the N x N map, proportional attention on SDPA, and
+timm's ``Attention`` forward with both.
 
-Two primitives every token-reduction method in fastprune needs (see ``METHODS.md``, "Shared
-primitives"):
-
-* :func:`cls_attention` -- the class token's attention row ``[B, N]``, from the class query alone:
-  ``O(N * C)`` work and memory, never the ``[B, H, N, N]`` attention map. Softmax form (EViT, BAT,
-  MSTM) or logit form (IdleViT).
-* :func:`proportional_attention` -- attention in which every key ``j`` gets ``+log(s_j)`` on its
-  logit, ``s_j`` being the number of patches token ``j`` stands for (ToMe's proportional attention,
-  Bolya et al., ICLR 2023). Two ways to give that bias to ``F.scaled_dot_product_attention``:
-  an additive float mask (``impl="mask"``) or one extra q/k column (``impl="column"``), which leaves
-  the call mask-free so that flash attention stays eligible on CUDA.
+* :func:`cls_attention` -- the class token's attention row ``[B, N]`` from the class query alone
+  (``O(N C)``). Softmax form (EViT, BAT, MSTM) or logit form (IdleViT).
+* :func:`proportional_attention` -- attention with ``+log(s_j)`` on every key ``j`` (ToMe's
+  proportional attention, Bolya et al., ICLR 2023), given to ``F.scaled_dot_product_attention`` as an
+  additive mask (``impl="mask"``) or as one extra q/k column (``impl="column"``, mask-free, so flash
+  attention stays eligible on CUDA).
+* :func:`attention_forward` -- a timm ``Attention`` module's forward with proportional attention, an
+  optional extra mask, and the extras the methods ask for (class attention, keys). The one forward
+  the timm patch and IdleViT both run.
 
 Notation: ``q``, ``k``, ``v`` are ``[B, H, N, d]`` per-head queries/keys/values (after q/k norm);
 ``size`` is ``[B, N]`` (positive, float); ``scale`` multiplies ``q . k`` (``d ** -0.5`` by default).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["cls_attention", "proportional_attention", "PROP_ATTN_IMPLS", "default_prop_attn_impl"]
+__all__ = ["cls_attention", "proportional_attention", "PROP_ATTN_IMPLS", "default_prop_attn_impl",
+           "attention_qkv", "attention_forward", "AttentionOutput", "NEEDS"]
 
 #: Implementations of :func:`proportional_attention`; ``"auto"`` picks per device, see
 #: :func:`default_prop_attn_impl`.
 PROP_ATTN_IMPLS = ("auto", "column", "mask", "explicit")
 
-#: The implementation ``impl="auto"`` uses, per device type.
-#: CPU: ``"mask"``, measured with ``benchmarks/bench_proportional_attention.py`` (Xeon 2.8 GHz, fp32,
-#: DeiT-Ti/S/B shapes, B = 1 and 32): the mask form costs 2-30 % over unbiased SDPA, the column form
-#: 28-77 % (the CPU flash kernel takes a float mask at little cost, while the column form copies q, k,
-#: v and pays for head dim 65).
-#: CUDA: ``"column"``, because an additive float mask rules flash attention out (the column form keeps
-#: the call mask-free, so flash stays eligible for fp16/bf16). Not yet timed on a GPU: run the
-#: benchmark with ``--device cuda --dtype float16`` and revise.
+#: The implementation ``impl="auto"`` uses, per device type: on CPU the mask form is the faster
+#: (``benchmarks/bench_proportional_attention.py``); on CUDA a float mask rules flash attention out,
+#: the column form keeps the call mask-free.
 _DEFAULT_IMPL = {"cpu": "mask", "cuda": "column"}
 
 #: On CUDA the extra column is padded so that the head dim is a multiple of this (flash and
@@ -181,8 +177,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
       SDPA off flash attention (onto memory-efficient or math), which is slower.
     * ``"explicit"``: ``softmax(q k^T * scale + log s) @ v`` with the ``[B, H, N, N]`` map, in the
       input dtype (timm's non-fused path; what ``fused_attn=False`` runs).
-    * ``"auto"``: the one measured fastest on this device type, see :func:`default_prop_attn_impl`
-      and ``benchmarks/bench_proportional_attention.py``.
+    * ``"auto"``: per device type, see :func:`default_prop_attn_impl`.
 
     Args:
         q, k, v: ``[B, H, N, d]`` (q may have its own query count ``Nq``), same dtype and device.
@@ -255,3 +250,90 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     v2 = F.pad(v, (0, width - dv))
     out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     return out[..., :dv]
+
+
+#: What :func:`attention_forward` can compute besides the output (``need``): ``"cls_attn"`` the class
+#: token's attention row, softmax form ``[B, N]`` float32 (with the ``log size`` bias when ``size`` is
+#: given; prefix columns included); ``"cls_attn_logits"`` the same row in logit form; ``"keys"`` the
+#: head-mean of the keys ``[B, N, d]`` after k norm (ToMe's matching metric).
+NEEDS = frozenset({"cls_attn", "cls_attn_logits", "keys"})
+
+
+class AttentionOutput(NamedTuple):
+    """What :func:`attention_forward` returns.
+
+    Attributes:
+        x: the module's output ``[B, N, C]`` (after ``proj`` and ``proj_drop``), x's dtype.
+        cls_attn: ``[B, N]`` float32 class attention, softmax form, or None if not asked for.
+        cls_attn_logits: ``[B, N]`` float32 class attention, logit form, or None.
+        keys: ``[B, N, d]`` head-mean of the keys (after k norm), or None.
+        q, k: ``[B, H, N, d]`` queries and keys after q/k norm with ``return_qk=True``, else None.
+    """
+
+    x: torch.Tensor
+    cls_attn: Optional[torch.Tensor] = None
+    cls_attn_logits: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+
+
+def attention_qkv(attn: nn.Module, x: torch.Tensor) -> tuple:
+    """Per-head ``(q, k, v)``, each ``[B, H, N, d]``, of a timm ``Attention`` on ``x`` (after q/k norm)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_forward(attn: nn.Module, x: torch.Tensor, *, size: Optional[torch.Tensor] = None,
+                      attn_mask: Optional[torch.Tensor] = None, need: Iterable[str] = (),
+                      prop_attn_impl: str = "auto", return_qk: bool = False) -> AttentionOutput:
+    """Run a timm ``Attention`` module with proportional attention, returning the requested extras.
+
+    Same computation as ``timm.layers.Attention.forward`` (``qkv`` -> ``q_norm``/``k_norm`` ->
+    attention -> ``norm`` -> ``gate`` -> ``proj`` -> ``proj_drop``), plus ``+log(size_j)`` on every
+    key when ``size`` is given. With the module's ``fused_attn`` on, :func:`proportional_attention`
+    with ``impl=prop_attn_impl`` (with ``size=None`` the very SDPA call timm makes); with it off,
+    the explicit softmax path.
+
+    Args:
+        attn: a ``timm.layers.Attention`` module.
+        x: normalised tokens ``[B, N, C]``.
+        size: ``[B, N]`` float token sizes, or None (no bias).
+        attn_mask: extra mask (bool, True = attend, or additive float) broadcastable to
+            ``[B, H, N, N]``, or None.
+        need: subset of :data:`NEEDS` (class attention from the class query at position 0, ``O(N C)``).
+        prop_attn_impl: ``"auto"``, ``"column"`` or ``"mask"`` (see :func:`proportional_attention`).
+        return_qk: also return the queries and keys.
+
+    Raises:
+        ValueError: unknown entries in ``need``.
+    """
+    need = frozenset(need)
+    if not need <= NEEDS:
+        raise ValueError(f"need must be a subset of {sorted(NEEDS)}, got {sorted(need)}")
+    B, N, _ = x.shape
+    gate_layer = getattr(attn, "gate", None)
+    gate = gate_layer(x).sigmoid() if gate_layer is not None else None
+    q, k, v = attention_qkv(attn, x)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        out = proportional_attention(q, k, v, size, attn_mask=attn_mask, dropout_p=dropout_p, impl=prop_attn_impl)
+    else:  # timm's explicit path
+        out = proportional_attention(q, k, v, size, scale=attn.scale, attn_mask=attn_mask, dropout_p=dropout_p,
+                                     impl="explicit")
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    # class attention with the same log-size bias the attention above used (none if size is None)
+    return AttentionOutput(
+        x=out,
+        cls_attn=cls_attention(q, k, scale=attn.scale, size=size) if "cls_attn" in need else None,
+        cls_attn_logits=(cls_attention(q, k, scale=attn.scale, size=size, form="logit")
+                         if "cls_attn_logits" in need else None),
+        keys=k.mean(dim=1) if "keys" in need else None,
+        q=q if return_qk else None,
+        k=k if return_qk else None,
+    )

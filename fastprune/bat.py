@@ -1,8 +1,8 @@
 """BAT: keep the attentive tokens diverse -- match the attentive ones, cluster the inattentive ones.
 
 Semantics from "Beyond Attentive Tokens: Incorporating Token Importance and Diversity for Efficient
-Vision Transformers" (Long et al., CVPR 2023), as specified in ``METHODS.md``. At blocks 3, 6 and 9
-(0-based) by default, after the attention residual:
+Vision Transformers" (Long et al., CVPR 2023). At blocks 3, 6 and 9 (0-based) by default, after the
+attention residual:
 
 1. **decouple** the non-prefix tokens by class attention (softmax form): the top
    ``K = ceil(rho (N - p))`` are *attentive*, the rest *inattentive*; prefix tokens bypass everything;
@@ -19,22 +19,20 @@ This module holds the PyTorch reference (:func:`bat_reference`, the specificatio
 tested against and the CPU path; one function per step of the paper) and the public functional API
 (:func:`bat_tokens`, :func:`bat`). The fused Triton kernels live in ``kernels/bat.py``.
 
-Choices (the paper or ``METHODS.md`` leaves them open):
+Choices (the paper leaves them open):
 
 * **number of pairs** ``r``: a parameter; by default ``r = c - 1``, so that the output has exactly
   EViT's token count at the same keep rate (``p + K + 1``: EViT's single fused token is replaced by
-  ``c`` cluster tokens, paid for by ``c - 1`` matched attentive pairs). This is what makes the paper's
-  BAT and EViT cost the same GMACs at the same keep rate (3.0 GMACs at rho=0.7 on DeiT-S).
-  ``r`` is clipped to ``K // 2`` (the size of the smaller matching set);
+  ``c`` cluster tokens, paid for by ``c - 1`` matched attentive pairs), so BAT and EViT cost the
+  same at the same keep rate. ``r`` is clipped to ``K // 2`` (the size of the smaller matching set);
 * **bipartite soft matching**: the attentive tokens, in their original order, alternate between set
   A (even positions) and set B (odd positions); each A token's partner is its most cosine-similar B
   token (ties: lower index); the ``r`` A tokens with the most similar partners (ties: lower index)
   are merged into them. As in ToMe, two A tokens may share a partner;
 * **number of clusters** ``c``, default 10 (:data:`DEFAULT_NUM_CLUSTERS`; our choice, the paper's
-  value is not known to us: off the shelf on the project's 500-image sample at rho=0.7, c = 5 / 10 / 16
-  cost 2.2 / 0.8 / 1.0 top-1 points on ViT-Ti and 1.0 / 1.0 / 0.6 on DeiT-Ti), is clipped to the number
-  of inattentive tokens; ``k`` nearest neighbours (default 5, as in TCFormer's DPC-kNN) is clipped to
-  the number of other inattentive tokens and excludes the token itself;
+  value is not known to us), is clipped to the number of inattentive tokens; ``k`` nearest
+  neighbours (default 5, as in TCFormer's DPC-kNN) is clipped to the number of other inattentive
+  tokens and excludes the token itself;
 * **DPC-kNN**: ``D = cdist(m, m) / sqrt(Cm)`` on the raw metric; density
   ``rho_i = exp(-mean of the k smallest D_ij^2)``; "higher density" ties are broken by the lower
   index (the densest token is unique); ``delta`` of the densest token is its largest distance to
@@ -47,39 +45,24 @@ Choices (the paper or ``METHODS.md`` leaves them open):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import _checks
-from .evit import check_keep_rate, kept_count, true_positions
-from .functional import _resolve_backend
-from .reference import COSINE_EPS, Merged, compute_dtype, merge_weights, topk_keep_mask, weighted_merge
+from . import _checks, backends
+from .reference import (COSINE_EPS, BATCounts, Merged, compute_dtype, merge_weights, topk_keep_mask,
+                        true_positions, weighted_merge)
+from .schedules import DEFAULT_KEEP_RATE, DEFAULT_LAYERS, check_keep_rate, kept_count
 
 __all__ = ["bat_tokens", "bat", "bat_reference", "bat_plan", "bat_index", "BATCounts", "decouple",
            "attentive_token_matching", "dpc_knn", "DEFAULT_KEEP_RATE", "DEFAULT_LAYERS",
-           "DEFAULT_NUM_CLUSTERS", "DEFAULT_KNN"]
+           "DEFAULT_NUM_CLUSTERS", "DEFAULT_KNN", "BACKENDS"]
 
-#: BAT's reduction blocks (0-based; blocks 4, 7, 10 in the paper's 1-based numbering) and keep rate.
-DEFAULT_LAYERS = (3, 6, 9)
-DEFAULT_KEEP_RATE = 0.7
+BACKENDS = backends.TRITON_BACKENDS
 #: Clusters of inattentive tokens per reduction layer **(choice)**; matched pairs default to one less.
 DEFAULT_NUM_CLUSTERS = 10
 #: Neighbours in DPC-kNN's density (TCFormer's default).
 DEFAULT_KNN = 5
-
-
-class BATCounts(NamedTuple):
-    """Token counts of one BAT layer: ``K`` attentive, ``r`` matched pairs, ``c`` clusters, ``k`` neighbours."""
-
-    K: int
-    r: int
-    c: int
-    k: int
-
-    def output_tokens(self, num_prefix_tokens: int) -> int:
-        """``p + K - r + c``."""
-        return num_prefix_tokens + self.K - self.r + self.c
 
 
 def bat_plan(num_tokens: int, num_prefix_tokens: int, keep_rate: float,
@@ -245,7 +228,7 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
                k: int = DEFAULT_KNN, backend: str = "auto") -> Merged:
     """Reduce tokens by BAT: keep attentive tokens, match similar ones, cluster the inattentive ones.
 
-    Semantics from "Beyond Attentive Tokens" (Long et al., CVPR 2023), as in METHODS.md:
+    Semantics from "Beyond Attentive Tokens" (Long et al., CVPR 2023):
 
     1. the ``K = ceil(keep_rate * (N - p))`` non-prefix tokens with the largest class attention are
        attentive (ties: lower index), the others inattentive;
@@ -304,7 +287,7 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
     if num_pairs is not None:
         num_pairs = _checks.check_int(num_pairs, "num_pairs", 0, 2 ** 31 - 1)
     k = _checks.check_int(k, "k", 1, 2 ** 31 - 1)
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
 
     counts = bat_plan(N, p, keep_rate, num_clusters, num_pairs, k)
     if counts.r == 0 and counts.c == 0:
@@ -325,70 +308,3 @@ def bat(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, **kwargs) -> torc
     position map.
     """
     return bat_tokens(x, attn, keep_rate, **kwargs).x
-
-
-# ----------------------------------------------------------------------------------------------------
-# timm patch: method="bat"
-# ----------------------------------------------------------------------------------------------------
-PATCH_METRICS = ("keys", "x")
-#: Options of the ``"bat"`` patch method and their defaults (the paper's reduction layers).
-PATCH_DEFAULTS = {"layers": DEFAULT_LAYERS, "num_clusters": DEFAULT_NUM_CLUSTERS, "num_pairs": None,
-                  "k": DEFAULT_KNN, "metric": "keys", "backend": "auto"}
-
-
-def _bat_output_tokens(N: int, p: int, keep_rate: float, options) -> int:
-    return bat_plan(N, p, keep_rate, options["num_clusters"], options["num_pairs"], options["k"]).output_tokens(p)
-
-
-def _bat_reducer(x: torch.Tensor, ctx) -> tuple:
-    """BAT in a timm block (after the attention residual): decouple by this block's class attention,
-    match attentive tokens and cluster inattentive ones on the head-mean keys; see :func:`bat_tokens`."""
-    options = ctx.options
-    metric = ctx.keys if options["metric"] == "keys" else x
-    out = bat_tokens(x, ctx.cls_attn, ctx.state.r, size=ctx.size, metric=metric,
-                     num_prefix_tokens=ctx.num_prefix_tokens, num_clusters=options["num_clusters"],
-                     num_pairs=options["num_pairs"], k=options["k"], backend=options["backend"])
-    return out.x, out.size, out.index
-
-
-def _bat_validate(options) -> None:
-    from .evit import _validate_common
-
-    _validate_common(options)
-    _checks.check_choice(options["metric"], "metric", PATCH_METRICS)
-    _checks.check_int(options["num_clusters"], "num_clusters", 1, 2 ** 31 - 1)
-    _checks.check_int(options["k"], "k", 1, 2 ** 31 - 1)
-    if options["num_pairs"] is not None:
-        _checks.check_int(options["num_pairs"], "num_pairs", 0, 2 ** 31 - 1)
-
-
-def _bat_needs(options) -> frozenset:
-    return frozenset({"cls_attn", "keys"}) if options["metric"] == "keys" else frozenset({"cls_attn"})
-
-
-def register_with_patch() -> None:
-    """Register ``method="bat"`` with :func:`fastprune.patch.timm` (done when :mod:`fastprune.patch`
-    is first imported; importing this module alone does not import timm).
-
-    ``fastprune.patch.timm(model, method="bat", r=0.7)``: BAT (Long et al., CVPR 2023) with the paper's
-    schedule -- at blocks 3, 6 and 9 (0-based; 4, 7, 10 in the paper), after the attention residual,
-    decouple the tokens by class attention with keep rate ``r`` (a float in ``(0, 1]``; 0.7,
-    :data:`DEFAULT_KEEP_RATE`, is the paper's DeiT-S setting trained from scratch), match attentive
-    tokens and cluster inattentive ones (:func:`bat_tokens`). ``r = 0``: no reduction. With the
-    default ``num_pairs`` the blocks see EViT's token counts (197, 140, 100, 72 at ``r = 0.7`` and
-    224 px). Options:
-
-    * ``layers=(3, 6, 9)``: the reducing blocks (a tuple of 0-based indices, or ``"3,6,9"``);
-    * ``num_clusters=10``, ``num_pairs=None`` (``num_clusters - 1``), ``k=5``: see :func:`bat_tokens`;
-    * ``metric="keys"`` (head-mean of this block's keys, as for ToMe's matching) or ``"x"``;
-    * ``backend="auto"`` (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``;
-    * the common ``prop_attn`` (on by default: merged tokens' sizes enter the attention as
-      ``log size``) and ``prop_attn_impl``.
-    """
-    from . import patch
-    from .evit import _patch_schedule_for, patch_block_r
-
-    if "bat" not in patch.available_methods():
-        patch.register_method("bat", _bat_reducer, needs=_bat_needs, defaults=PATCH_DEFAULTS, validate=_bat_validate,
-                              schedule=_patch_schedule_for("bat"), block_r=patch_block_r("bat", _bat_output_tokens))
-

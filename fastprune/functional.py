@@ -1,40 +1,15 @@
-"""The front door: :func:`merge` and :func:`merge_tokens`, with input checks and backend dispatch."""
+"""MSTM, the front door: :func:`merge` and :func:`merge_tokens`, with input checks and backend dispatch."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
-from . import _checks, _ext
-from .reference import Merged, mstm_merge
+from . import _checks, _ext, backends
+from .reference import MERGE_WEIGHTS, Merged, mstm_merge
 
-#: ``"auto"``: Triton on CUDA tensors, the C++ kernels on CPU tensors (the reference, with a one-time
-#: warning, if the extension is not built); ``"triton"``; ``"cpp"`` (C++ kernels on CPU tensors, the
-#: CUDA C++ kernels on CUDA tensors); ``"cuda"`` (the CUDA C++ kernels; CUDA tensors only);
-#: ``"reference"`` (the PyTorch specification).
-BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
-
-_warned_no_ext = False
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    global _warned_no_ext
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "cuda" and not x.is_cuda:
-        raise ValueError(f"backend='cuda' needs CUDA tensors, but x is on {x.device}")
-    if backend == "auto":
-        if x.is_cuda:
-            return "triton"
-        if x.device.type == "cpu" and _ext.available():
-            return "cpp"
-        if x.device.type == "cpu" and not _warned_no_ext:
-            _warned_no_ext = True
-            warnings.warn("fastprune's C++ extension is not available "
-                          f"({_ext.load_error()}); using the PyTorch reference on CPU", RuntimeWarning)
-        return "reference"
-    return "cpp" if backend == "cuda" else backend
+#: MSTM's backends (it has every one: Triton, C++/CUDA C++ and the reference).
+BACKENDS = backends.BACKENDS
 
 
 def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[torch.Tensor] = None,
@@ -42,11 +17,12 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
                  backend: str = "auto") -> Merged:
     """Merge the ``r`` least-attended tokens into their most similar kept token (MSTM).
 
-    Semantics from "Multi-Scale And Token Mergence: Make Your ViT More Efficient" (Bian et al., 2023),
-    as specified in METHODS.md: keep the ``N - p - r`` non-prefix tokens with the largest class
-    attention (ties: lower index); merge each of the ``r`` others into the kept token it is most
-    cosine-similar to on ``metric``, as a weighted average; sizes add up. Prefix tokens pass through
-    untouched. Output order: prefix tokens, then kept tokens in their original order.
+    Semantics from "Multi-Scale And Token Mergence: Make Your ViT More Efficient" (Bian et al.,
+    2023), step by step in :func:`fastprune.reference.mstm_merge`: keep the ``N - p - r`` non-prefix
+    tokens with the largest class attention (ties: lower index); merge each of the ``r`` others into
+    the kept token it is most cosine-similar to on ``metric``, as a weighted average; sizes add up.
+    Prefix tokens pass through untouched. Output order: prefix tokens, then kept tokens in their
+    original order.
 
     Args:
         x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
@@ -88,9 +64,9 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
     scores = _checks.cls_scores(attn, x)
     size = _checks.check_size(size, x)
     metric = _checks.check_metric(metric, x)
-    if weight not in ("size", "size_attn"):
+    if weight not in MERGE_WEIGHTS:
         raise ValueError(f"weight must be 'size' or 'size_attn', got {weight!r}")
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
 
     if r == 0:
         size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size

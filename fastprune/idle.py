@@ -1,180 +1,64 @@
-"""IdleViT: every token stays, only the most attended ones go through each block; the token cut loss.
+"""IdleViT: every token stays, only the most attended ones go through each block.
 
 Semantics from "No Token Left Behind: Efficient Vision Transformer via Dynamic Token Idling" (Xu et
-al., 2023), as specified in ``METHODS.md``:
+al., 2023):
 
 * **Token idling.** In an idle layer the ``K`` non-prefix tokens with the highest class attention
   (logit form: ``a_j = mean_h q_cls,h . k_j,h * scale``) plus the prefix tokens are *selected*; only
   they go through the block, and their attention uses the keys and values of selected tokens only.
-  Every other token is *idle*: it passes through unchanged (bit-identical) and the block outputs are
-  written back to the selected positions. No token is ever removed, and an idle token may be selected
-  again by a later layer.
-* **Schedule** (:func:`idle_schedule`): layers 3-11 (0-based) of a 12-layer ViT keep
-  ``K = int(N0 * rho^stage)`` of the ``N0`` patch tokens, with ``stage`` = 1, 1, 1, 2, 2, 2, 3, 3, 3
-  (the evaluation schedule of the official code); layers 0-2 are full blocks.
-* **Two forms that compute the same thing.** The *gather* form (inference) gathers the selected
-  tokens into a ``[B, p + K, C]`` sequence, runs the unchanged block on it and scatters the outputs
-  back (fused Triton gather/scatter kernels with a backward pass). The *mask* form (training) keeps
-  all ``N`` tokens: keys of idle tokens get ``-inf`` (a boolean mask for
-  ``F.scaled_dot_product_attention``, never an fp16-overflowing constant) and both residual updates
-  are multiplied by the selection mask. The tests check that they agree.
-* **Token cut loss** (:func:`token_cut_loss`), per idle layer, from the attention logits ``S`` before
-  softmax and before the mask: ``W = softmax_j(mean_h S)``, ``D_ij = |m_i - m_j|`` with column 0 (the
-  class token) zeroed, ``A_ij = m_i m_j``, ``inter_i = sum_j D_ij W_ij``, ``intra_i = sum_j A_ij W_ij``,
-  ``L = mean_{b,i}(inter_i^2) + mean_{b,i}((intra_i - m_i)^2)``; averaged over the idle layers
-  (:func:`cut_loss` collects it from a patched model) and added to the task loss with weight 20
-  (:data:`CUT_LOSS_WEIGHT`).
+  Every other token is *idle*: it passes through unchanged (bit-identical). No token is removed, and
+  an idle token may be selected again by a later layer.
+* **Schedule** (:func:`fastprune.schedules.idle_schedule`): layers 3-11 (0-based) of a 12-layer ViT
+  keep ``K = int(N0 * rho^stage)`` of the ``N0`` patch tokens, ``stage`` = 1, 1, 1, 2, 2, 2, 3, 3, 3;
+  layers 0-2 are full blocks.
+* **Two forms that compute the same thing.** *gather* (inference): the selected tokens go through
+  the unchanged block as a ``[B, p + K, C]`` sequence and are scattered back. *mask* (training): all
+  ``N`` tokens, keys of idle tokens masked (a boolean mask for SDPA), both residual updates
+  multiplied by the selection mask.
+* **Token cut loss**: :mod:`fastprune.idle_loss` (re-exported here); :func:`cut_loss` collects it from
+  a patched model.
 
-Choices (``METHODS.md`` leaves them open):
+Choices (the paper leaves them open):
 
-* **Which attention ranks the tokens of layer l (choice).** A cheap class-query pass at the start of
-  the block, with this block's own ``norm1`` and ``qkv``: the selection must happen before the block,
-  and this ranks by exactly the logits the block's attention would compute (row 0 of the ``S`` the
-  cut loss uses), in every layer including the first idle one, with no state carried between blocks.
-  It costs ``O(N C)``, not ``O(N C^2)``: because ``mean_h q_h . k_h = q . k / H`` over the full width
-  and ``k_j = W_k LN(x_j) + b_k``, the logits are ``scale / H * (LN(x_j) . (W_k^T q_cls) + q_cls . b_k)``
-  -- one LayerNorm and one dot product per token, no keys are formed (:func:`cls_logits`; the
-  literal computation from the keys is :func:`cls_logits_reference`). With q/k norm the keys are
-  formed (the fold does not apply).
-* ``K = floor(N0 * rho^stage + 1e-6)`` clipped to ``[1, N0]`` (the tolerance keeps ``N0 * rho^s`` that
-  is an integer in exact arithmetic from losing one token to rounding). Ties: the lower index wins.
-* Depths other than 12: the first idle layer is ``depth // 4`` and the remaining layers are split
-  into three stages, ``stage = 1 + 3 (l - depth // 4) // (depth - depth // 4)``.
-* Column 0 of ``D`` is zeroed as ``METHODS.md`` says (the class token only, also when there are more
-  prefix tokens).
+* **Ranking.** A class-query pass at the start of the block with this block's own ``norm1`` and
+  ``qkv``, i.e. row 0 of the logits its attention computes, folded so that no key is formed:
+  ``mean_h q_h . k_h = q . k / H`` and ``k_j = W_k LN(x_j) + b_k`` give
+  ``scale / H * (LN(x_j) . (W_k^T q_cls) + q_cls . b_k)``, ``O(N C)`` (:func:`cls_logits`; literally
+  from the keys: :func:`cls_logits_reference`). With q/k norm the keys are formed.
+* ``K = floor(N0 * rho^stage + 1e-6)`` clipped to ``[1, N0]``; ties: the lower index wins.
+* Depths other than 12: the first idle layer is ``depth // 4``, then three equal stages.
+* ``candidates`` (the patch's ``reselect=False``, not the paper's rule): only the previous idle
+  layer's selected tokens compete, so an idle token stays idle.
 
-timm patch, ``fastprune.patch.timm(model, method="idle", r=0.7)``: ``r`` a float is the keep rate
-``rho`` of the schedule above; an int ``r`` idles ``r`` tokens in every block, a list of ``depth``
-ints ``r[l]`` in block ``l`` (:func:`idle_schedule`). The token count never changes, so the patch
-state's ``num_tokens`` stays ``N``; its ``r_applied`` (and :func:`fastprune.patch.reduction_schedule`)
-give the tokens each block leaves idle, ``N0 - K_l`` (``[0, 0, 0, 59, 59, 59, 100, 100, 100, 129, 129,
-129]`` for ``r = 0.7`` and 196 patches). Options:
-
-* ``form="auto"``: the mask form while the model is in training mode, the gather form in eval mode;
-  ``"gather"`` / ``"mask"`` force one.
-* ``cut_loss=True``: mask-form forwards record each idle layer's token cut loss; :func:`cut_loss`
-  returns their mean after the forward (``loss = task + CUT_LOSS_WEIGHT * cut_loss(model)``).
-* ``reselect=True``: the paper's rule, every token (idle ones included) competes in every idle layer.
-  ``False`` (not the paper): only the previous idle layer's selected tokens compete, so an idle token
-  stays idle (token pruning that keeps the idle tokens for the output). Off-the-shelf (no
-  fine-tuning) this matters a lot: stale idle tokens make up ~40% of the later layers' selections
-  with ``reselect=True`` on ViT-Ti/DeiT-Ti at ``rho = 0.7``, and accuracy drops far more; the paper
-  fine-tunes with the cut loss.
-* ``backend="auto"``: Triton on CUDA, PyTorch on CPU; ``"triton"`` / ``"reference"`` force one.
-
-This module holds the PyTorch reference (the specification the kernels are tested against and the
-CPU path), the public functional API with validation and backend dispatch, and the
-``method="idle"`` registration for :func:`fastprune.patch.timm`. The Triton kernels are in
-``kernels/idle.py``.
+The Triton kernels are in ``kernels/idle.py``; the timm integration (``method="idle"``) in
+:mod:`fastprune.patch`.
 """
 from __future__ import annotations
 
-import math
-import numbers
-import weakref
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _checks
-from .attention import cls_attention
-from .functional import _resolve_backend
+from . import _checks, backends
+from .attention import attention_forward, attention_qkv, cls_attention
+from .idle_loss import CUT_LOSS_WEIGHT, token_cut_loss, token_cut_loss_reference
 from .reference import output_slots, topk_keep_mask
+from .schedules import DEFAULT_KEEP_RATE, idle_keep_count, idle_schedule, idle_stage
 
 __all__ = [
-    "IdleSelection", "IdleOutput", "idle_schedule", "idle_stage", "idle_keep_count", "cls_logits",
-    "cls_logits_reference", "select_tokens", "idle_gather", "idle_scatter", "idle_block",
+    "IdleSelection", "IdleOutput", "CutLossRecord", "idle_schedule", "idle_stage", "idle_keep_count",
+    "cls_logits", "cls_logits_reference", "select_tokens", "idle_gather", "idle_scatter", "idle_block",
     "token_cut_loss", "token_cut_loss_reference", "cut_loss", "CUT_LOSS_WEIGHT", "DEFAULT_KEEP_RATE",
-    "IDLE_FORMS",
+    "IDLE_FORMS", "BACKENDS",
 ]
 
-#: Weight of the token cut loss in the training loss (the paper's recipe).
-CUT_LOSS_WEIGHT = 20.0
-#: Default keep rate ``rho`` (the paper's DeiT-S headline setting is 0.5; 0.7 is its mildest).
-DEFAULT_KEEP_RATE = 0.7
+BACKENDS = backends.TRITON_BACKENDS
 #: ``"gather"``: the selected tokens go through the block as a short sequence (inference form);
-#: ``"mask"``: all tokens, idle keys masked with -inf, residual updates times the selection mask
-#: (training form, gives the cut loss).
+#: ``"mask"``: all tokens, idle keys masked, residual updates times the selection mask (training form,
+#: gives the cut loss).
 IDLE_FORMS = ("gather", "mask")
-
-#: Tolerance of the floor in ``K = floor(N0 * rho^stage)``.
-_FLOOR_TOL = 1e-6
-
-
-# --------------------------------------------------------------------------------------------------
-# Schedule
-# --------------------------------------------------------------------------------------------------
-
-def idle_stage(layer: int, depth: int) -> int:
-    """The stage of block ``layer`` in IdleViT's schedule: 0 (full block) or 1, 2, 3 (``rho^stage``).
-
-    For ``depth = 12``: blocks 0-2 stage 0, 3-5 stage 1, 6-8 stage 2, 9-11 stage 3 (the official
-    code's evaluation schedule). Other depths: first idle block ``depth // 4``, three equal stages
-    after it (a choice; see the module docstring).
-    """
-    first = depth // 4
-    if layer < first:
-        return 0
-    return 1 + (3 * (layer - first)) // (depth - first)
-
-
-def idle_keep_count(num_patches: int, keep_rate: float, stage: int) -> int:
-    """``K = floor(N0 * rho^stage)``, clipped to ``[1, N0]``: the patch tokens a stage-``stage``
-    block selects (``stage = 0``: all ``N0``)."""
-    if stage == 0:
-        return num_patches
-    return max(1, min(num_patches, math.floor(num_patches * keep_rate ** stage + _FLOOR_TOL)))
-
-
-def _check_keep_spec(r, depth: int):
-    """``r`` is a float keep rate in (0, 1], an int >= 0 or a sequence of ``depth`` ints >= 0."""
-    if isinstance(r, bool):
-        raise TypeError("r must be a float keep rate in (0, 1], an int or a list of ints, got a bool")
-    if isinstance(r, numbers.Integral):
-        if r < 0:
-            raise ValueError(f"r must be >= 0, got {r}")
-        return int(r)
-    if isinstance(r, numbers.Real):
-        r = float(r)
-        if not 0.0 < r <= 1.0:  # also rejects NaN
-            raise ValueError(f"a float r is IdleViT's keep rate rho and must satisfy 0 < rho <= 1, got {r}")
-        return r
-    if isinstance(r, Sequence) and not isinstance(r, str):
-        if len(r) != depth:
-            raise ValueError(f"a per-block r list must have one entry per block (depth={depth}), got {len(r)}")
-        for i, ri in enumerate(r):
-            if isinstance(ri, bool) or not isinstance(ri, numbers.Integral):
-                raise TypeError(f"r[{i}] must be an int, got {type(ri).__name__} ({ri!r})")
-            if ri < 0:
-                raise ValueError(f"r[{i}] must be >= 0, got {ri}")
-        return tuple(int(ri) for ri in r)
-    raise TypeError(f"r must be a float keep rate in (0, 1], an int or a list of ints, got {type(r).__name__}")
-
-
-def idle_schedule(r: Union[float, int, Sequence[int]], depth: int, num_patches: int) -> list[int]:
-    """Selected patch tokens per block, ``[K_0, ..., K_{depth-1}]`` (``K_l = num_patches``: full block).
-
-    Args:
-        r: a float ``rho`` in ``(0, 1]``: IdleViT's schedule, ``K_l = int(N0 * rho^stage(l))`` (see
-            :func:`idle_stage`; ``rho = 1`` idles nothing); an int: every block idles ``r`` tokens
-            (``K = N0 - r``); a list of ``depth`` ints: block ``l`` idles ``r[l]``. ``K >= 1`` always.
-        depth: number of blocks (>= 1).
-        num_patches: ``N0``, the non-prefix tokens (196 for a /16 ViT at 224 px), >= 1.
-
-    Raises:
-        TypeError/ValueError: ``r`` of the wrong type or out of range, a list of the wrong length,
-            ``depth`` or ``num_patches`` not positive ints.
-    """
-    depth = _checks.check_int(depth, "depth", 1, 1 << 16)
-    num_patches = _checks.check_int(num_patches, "num_patches", 1, 1 << 30)
-    r = _check_keep_spec(r, depth)
-    if isinstance(r, float):
-        return [idle_keep_count(num_patches, r, idle_stage(layer, depth)) for layer in range(depth)]
-    if isinstance(r, int):
-        return [max(1, num_patches - r)] * depth
-    return [max(1, num_patches - ri) for ri in r]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,14 +76,6 @@ def _check_block(block) -> None:
             raise TypeError(f"block.attn must be a timm.layers.Attention; {type(block.attn).__name__} has no {name!r}")
 
 
-def _qkv(attn: nn.Module, xn: torch.Tensor):
-    """Per-head ``q, k, v`` ``[B, H, N, d]`` of a timm ``Attention`` (after q/k norm)."""
-    B, N, _ = xn.shape
-    qkv = attn.qkv(xn).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
 def cls_logits_reference(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     """The class token's attention logits of ``block`` on tokens ``x``, computed literally.
 
@@ -207,7 +83,7 @@ def cls_logits_reference(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     (after q/k norm); the class query is at position 0. Forms every key: ``O(N C^2)``.
     Returns float32 ``[B, N]`` (prefix columns included).
     """
-    q, k, _ = _qkv(block.attn, block.norm1(x))
+    q, k, _ = attention_qkv(block.attn, block.norm1(x))
     return cls_attention(q[:, :, :1], k, scale=block.attn.scale, form="logit")
 
 
@@ -272,7 +148,7 @@ def cls_logits(x: torch.Tensor, block: nn.Module, *, backend: str = "auto") -> t
     _check_block(block)
     if x.shape[-1] != block.attn.qkv.in_features:
         raise ValueError(f"x has width C={x.shape[-1]} but the block expects {block.attn.qkv.in_features}")
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
     folded = _folded_class_query(x, block)
     if folded is None:  # q/k norm: the keys must be formed
         return cls_logits_reference(x, block)
@@ -333,7 +209,7 @@ def select_tokens(scores: torch.Tensor, k: int, num_prefix_tokens: int = 1, *,
     N = scores.shape[1]
     p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N)
     k = _checks.check_int(k, "k", 0, N - p)
-    backend = _resolve_backend(backend, scores)
+    backend = backends.resolve_backend(backend, scores, BACKENDS)
     scores = scores.detach()
     if backend == "triton":
         from .kernels.idle import topk_select_triton
@@ -368,7 +244,7 @@ def idle_gather(x: torch.Tensor, selection: IdleSelection, *, backend: str = "au
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.float64):
         _checks.check_tokens(x)
     _check_selection(selection, x)
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
     if backend == "triton" and x.dtype != torch.float64:
         from .kernels.idle import idle_gather_triton
 
@@ -404,108 +280,12 @@ def idle_scatter(x: torch.Tensor, y: torch.Tensor, selection: IdleSelection, *,
     if y.shape != (x.shape[0], R, x.shape[2]):
         raise ValueError(f"y must have shape [B, p + K, C] = {(x.shape[0], R, x.shape[2])}, got {tuple(y.shape)}")
     _checks.check_same_device(x, y, "y")
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
     if backend == "triton" and x.dtype != torch.float64:
         from .kernels.idle import idle_scatter_triton
 
         return idle_scatter_triton(x, y, selection.index, selection.slot)
     return x.scatter(1, selection.index[..., None].expand(-1, -1, x.shape[-1]), y.to(x.dtype))
-
-
-# --------------------------------------------------------------------------------------------------
-# Token cut loss
-# --------------------------------------------------------------------------------------------------
-
-def _mask_float(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return keep.to(dtype) if keep.dtype == torch.bool else keep.detach().to(dtype)
-
-
-def token_cut_loss_reference(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The token cut loss of one idle layer, written like the paper (IdleViT, Xu et al., 2023).
-
-    ``W = softmax_j(mean_h S)``; ``D_ij = |m_i - m_j|`` with column 0 zeroed; ``A_ij = m_i m_j``;
-    ``inter_i = sum_j D_ij W_ij``; ``intra_i = sum_j A_ij W_ij``;
-    ``L = mean_{b,i} inter_i^2 + mean_{b,i} (intra_i - m_i)^2``.
-
-    Args:
-        logits: ``S``, the attention logits before softmax and mask, ``[B, H, N, N]`` or
-            ``[B, N, N]`` (already head-averaged).
-        keep: ``m``, ``[B, N]`` selection mask (bool, or float in [0, 1]; not differentiated).
-
-    Returns:
-        0-d tensor, float32 (float64 for float64 logits).
-    """
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    S = logits.to(dtype)
-    T = S.mean(dim=1) if S.dim() == 4 else S  # [B, N, N]
-    W = T.softmax(dim=-1)
-    m = _mask_float(keep, dtype)
-    D = (m[:, :, None] - m[:, None, :]).abs()
-    D[:, :, 0] = 0.0
-    A = m[:, :, None] * m[:, None, :]
-    inter = (D * W).sum(dim=-1)
-    intra = (A * W).sum(dim=-1)
-    return (inter ** 2).mean() + ((intra - m) ** 2).mean()
-
-
-def token_cut_loss(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, *, scale: Optional[float] = None,
-                   backend: str = "auto") -> torch.Tensor:
-    """The token cut loss of one idle layer from its queries and keys (IdleViT, Xu et al., 2023).
-
-    ``S = q k^T * scale`` per head (before softmax and before the idle-key mask), then
-    :func:`token_cut_loss_reference`. The Triton kernel computes the head mean as one dot product per
-    head, runs an online softmax over key tiles and never writes the ``[B, N, N]`` map in the forward
-    pass; the backward pass writes the head-mean logit gradient once (``[B, N, N]`` float32, 1/H of
-    an attention map) and forms ``dq``, ``dk`` with two batched matmuls. Computed in float32.
-
-    Args:
-        q, k: ``[B, H, N, d]`` queries and keys after q/k norm (what the attention multiplies),
-            float32/float16/bfloat16 (float64 on the reference backend); differentiable.
-        keep: ``[B, N]`` selection mask ``m``, bool or float in [0, 1] (no gradient).
-        scale: logit scale, ``d ** -0.5`` if None.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"reference"``.
-
-    Returns:
-        0-d float32 tensor (float64 for float64 inputs on the reference backend).
-
-    Raises:
-        TypeError: ``q``/``k``/``keep`` not tensors of a floating (``keep``: bool or floating) dtype,
-            ``scale`` not a number.
-        ValueError: ``q``, ``k`` not ``[B, H, N, d]`` of the same shape, ``keep`` not ``[B, N]``,
-            different devices, ``scale <= 0``, unknown backend.
-    """
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor [B, H, N, d], got "
-                            f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
-        if t.dim() != 4 or min(t.shape) < 1:
-            raise ValueError(f"{name} must have shape [B, H, N, d] with all sizes >= 1, got {tuple(t.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if not isinstance(keep, torch.Tensor) or not (keep.dtype == torch.bool or keep.is_floating_point()):
-        raise TypeError(f"keep must be a bool or floating torch.Tensor [B, N], got {type(keep).__name__}")
-    B, H, N, d = q.shape
-    if keep.shape != (B, N):
-        raise ValueError(f"keep must have shape [B, N] = {(B, N)}, got {tuple(keep.shape)}")
-    for name, t in (("k", k), ("keep", keep)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: they must be on the same device")
-    if scale is None:
-        scale = d ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
-    backend = _resolve_backend(backend, q)
-    if backend == "triton" and q.dtype != torch.float64:
-        from .kernels.idle import token_cut_stats_triton
-
-        m = _mask_float(keep, torch.float32)
-        inter, intra = token_cut_stats_triton(q, k.to(q.dtype), m, float(scale))
-        return (inter ** 2).mean() + ((intra - m) ** 2).mean()
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = (q.to(dtype) * scale) @ k.to(dtype).transpose(-2, -1)
-    return token_cut_loss_reference(logits, keep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,34 +312,13 @@ def _full_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def _masked_attention(attn: nn.Module, xn: torch.Tensor, keep: torch.Tensor):
-    """timm ``Attention`` in which every query attends to the selected keys only (idle keys -inf,
-    through a boolean mask). Returns ``(out [B, N, C], q, k)`` with ``q, k`` ``[B, H, N, d]``."""
-    B, N, _ = xn.shape
-    gate_layer = getattr(attn, "gate", None)
-    gate = gate_layer(xn).sigmoid() if gate_layer is not None else None
-    q, k, v = _qkv(attn, xn)
-    mask = keep[:, None, None, :]  # [B, 1, 1, N], True = attend
-    dropout_p = attn.attn_drop.p if attn.training else 0.0
-    if getattr(attn, "fused_attn", True):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=attn.scale)
-    else:
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
-        out = attn.attn_drop(a.softmax(dim=-1)) @ v
-    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    out = attn.norm(out) if hasattr(attn, "norm") else out
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), q, k
-
-
 def _masked_block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor):
     """Training form: all tokens, idle keys masked, residual updates multiplied by the mask ``m``."""
     m = keep.to(x.dtype)[..., None]
-    out, q, k = _masked_attention(block.attn, block.norm1(x), keep)
-    x = x + m * block.drop_path1(block.ls1(out))
+    out = attention_forward(block.attn, block.norm1(x), attn_mask=keep[:, None, None, :], return_qk=True)
+    x = x + m * block.drop_path1(block.ls1(out.x))
     x = x + m * block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, q, k
+    return x, out.q, out.k
 
 
 def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: int = 1, form: str = "gather",
@@ -617,7 +376,7 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
     if candidates is not None and not (isinstance(candidates, torch.Tensor) and candidates.dtype == torch.bool
                                        and candidates.shape == (B, N) and candidates.device == x.device):
         raise ValueError(f"candidates must be a bool tensor of shape [B, N] = {(B, N)} on x's device")
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
 
     if k == N - p:  # nothing idle: the plain block
         return IdleOutput(_full_block(block, x), None, None)
@@ -634,67 +393,18 @@ def idle_block(block: nn.Module, x: torch.Tensor, k: int, *, num_prefix_tokens: 
 
 
 # --------------------------------------------------------------------------------------------------
-# timm patch: method="idle"
+# The cut loss of a whole model's last forward
 # --------------------------------------------------------------------------------------------------
 
-class _ForwardCutLoss:
-    """What one forward of a patched model records: the token cut losses, the last selection."""
+class CutLossRecord:
+    """What one forward of a model with IdleViT layers records: each idle layer's token cut loss
+    (``losses``, block index -> 0-d tensor), whether any layer computed one (``computed``), and the
+    last idle layer's selection (``selected``, ``[B, N]`` bool, for ``reselect=False``)."""
 
     def __init__(self) -> None:
-        self.computed = False  # some block ran in the mask form with cut_loss=True
-        self.losses: dict = {}  # block index -> 0-d loss, for the blocks that idled tokens
-        self.selected: Optional[torch.Tensor] = None  # [B, N] bool, the last idle layer's selection
-
-
-#: Per patched model (keyed by its PatchState): the last forward's :class:`_ForwardCutLoss`.
-_CUT_LOSSES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-IDLE_OPTION_FORMS = ("auto",) + IDLE_FORMS
-
-
-def _idle_validate(options) -> None:
-    if options["form"] not in IDLE_OPTION_FORMS:
-        raise ValueError(f"form must be one of {IDLE_OPTION_FORMS}, got {options['form']!r}")
-    if not isinstance(options["cut_loss"], bool):
-        raise TypeError(f"cut_loss must be a bool, got {options['cut_loss']!r}")
-    if not isinstance(options["reselect"], bool):
-        raise TypeError(f"reselect must be a bool, got {options['reselect']!r}")
-    if options["backend"] not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {options['backend']!r}")
-
-
-def _idle_block_r(sctx) -> int:
-    """``method="idle"``'s ``block_r`` hook: the tokens block ``l`` leaves idle, ``N0 - K_l`` with
-    ``K_l`` from :func:`idle_schedule` (``N0`` = the patch count), so that the patch state's
-    ``r_applied`` and :func:`fastprune.patch.reduction_schedule` show IdleViT's real counts."""
-    k = idle_schedule(sctx.r, sctx.depth, sctx.num_patches)[sctx.block_index]
-    return sctx.num_patches - k
-
-
-def _idle_block_forward(block: nn.Module, x: torch.Tensor, ctx) -> tuple:
-    """``method="idle"``'s block forward for :func:`fastprune.patch.timm` (see :func:`idle_block`)."""
-    st = ctx.state
-    p = ctx.num_prefix_tokens
-    if p < 1:
-        raise ValueError("method 'idle' ranks tokens by the class token's attention: the model needs a class token")
-    if ctx.block_index == 0 or st not in _CUT_LOSSES:
-        _CUT_LOSSES[st] = _ForwardCutLoss()
-    k = x.shape[1] - p - ctx.r  # ctx.r: the tokens this block idles, from _idle_block_r
-    options = ctx.options
-    form = options["form"]
-    if form == "auto":
-        form = "mask" if block.training else "gather"
-    want_loss = options["cut_loss"] and form == "mask"
-    record = _CUT_LOSSES[st]
-    candidates = None if options["reselect"] or record.selected is None else record.selected
-    out = idle_block(block, x, k, num_prefix_tokens=p, form=form, cut_loss=want_loss, candidates=candidates,
-                     backend=options["backend"])
-    record.computed |= want_loss
-    if out.cut_loss is not None:
-        record.losses[ctx.block_index] = out.cut_loss
-    if out.selection is not None:
-        record.selected = out.selection.keep
-    return out.x, None, None
+        self.computed = False
+        self.losses: dict = {}
+        self.selected: Optional[torch.Tensor] = None
 
 
 def cut_loss(model: nn.Module) -> torch.Tensor:
@@ -702,19 +412,18 @@ def cut_loss(model: nn.Module) -> torch.Tensor:
 
     The mean over the idle layers (blocks that idled at least one token) of each layer's
     :func:`token_cut_loss`; the training loss is ``task_loss + CUT_LOSS_WEIGHT * cut_loss(model)``.
-    Recorded by forwards in the mask form (``form="mask"``, or ``"auto"`` with the model in training
-    mode) with ``cut_loss=True`` (the default). A 0-d zero when no layer idled.
+    Recorded by forwards in the mask form with ``cut_loss=True``. A 0-d zero when no layer idled.
+    ``model`` is any model whose integration records a :class:`CutLossRecord` and returns it from
+    ``model.fastprune_record("idle")`` (as :func:`fastprune.patch.timm` does).
 
     Raises:
         ValueError: ``model`` is not patched with ``method="idle"``.
-        RuntimeError: the last forward ran in the gather form (no loss was computed).
+        RuntimeError: no forward ran yet, or the last one ran in the gather form.
     """
-    from . import patch
-
-    st = patch.state(model)
-    if st.method.name != "idle":
-        raise ValueError(f"model is patched with method {st.method.name!r}, not 'idle'")
-    record = _CUT_LOSSES.get(st)
+    get = getattr(model, "fastprune_record", None)
+    if get is None:
+        raise ValueError("model is not patched with method 'idle' (fastprune.patch.timm(model, method='idle'))")
+    record = get("idle")
     if record is None:
         raise RuntimeError("no forward of the patched model has run yet")
     if not record.computed:
@@ -723,14 +432,3 @@ def cut_loss(model: nn.Module) -> torch.Tensor:
     if not record.losses:
         return torch.zeros((), device=next(model.parameters()).device)
     return torch.stack([v.float() for v in record.losses.values()]).mean()
-
-
-def register_with_patch() -> None:
-    """Register ``method="idle"`` with :func:`fastprune.patch.timm` (done when ``fastprune.patch`` is
-    first imported). See the module docstring for ``r`` and the options."""
-    from . import patch
-
-    if "idle" not in patch.available_methods():
-        patch.register_method("idle", block_forward=_idle_block_forward,
-                              defaults={"form": "auto", "cut_loss": True, "reselect": True, "backend": "auto"},
-                              validate=_idle_validate, block_r=_idle_block_r, removes_tokens=False)

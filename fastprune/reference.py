@@ -1,7 +1,8 @@
 """PyTorch reference of fastprune's token reduction: the specification the kernels are tested against.
 
-Written for reading, not for speed: every function mirrors one step of the method's description in
-``METHODS.md``. It is also the CPU path of :func:`fastprune.merge`. All arithmetic is done in float32
+Written for reading, not for speed: every function is one step of a method, stated in its docstring
+(ties, clamps, output order), so that this file alone specifies what the kernels compute. It is also
+the CPU fallback of :func:`fastprune.merge`. All arithmetic is done in float32
 (float64 if the input is float64, which the gradient checks use), whatever the input dtype.
 
 Notation: ``x`` tokens ``[B, N, C]``; ``p`` prefix tokens (class, distillation, register tokens) at
@@ -17,6 +18,8 @@ import torch
 COSINE_EPS = 1e-6
 #: Importance weights are clamped to at least this, so a weight sum is never zero.
 WEIGHT_EPS = 1e-12
+#: Weights of the weighted merge (see :func:`merge_weights`).
+MERGE_WEIGHTS = ("size", "size_attn")
 
 
 class Merged(NamedTuple):
@@ -34,6 +37,19 @@ class Merged(NamedTuple):
     index: torch.Tensor
 
 
+class BATCounts(NamedTuple):
+    """Token counts of one BAT layer: ``K`` attentive, ``r`` matched pairs, ``c`` clusters, ``k`` neighbours."""
+
+    K: int
+    r: int
+    c: int
+    k: int
+
+    def output_tokens(self, num_prefix_tokens: int) -> int:
+        """``p + K - r + c``."""
+        return num_prefix_tokens + self.K - self.r + self.c
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half inputs, float64 for float64 inputs (gradient checks)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -42,7 +58,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def topk_keep_mask(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> torch.Tensor:
     """Top-k selection: ``[B, N]`` bool mask of prefix tokens plus the ``k`` highest-scoring others.
 
-    Ties are broken by the lower token index (a stable descending sort), as METHODS.md chooses.
+    Ties are broken by the lower token index (a stable descending sort).
     """
     B, N = scores.shape
     p = num_prefix_tokens
@@ -56,6 +72,16 @@ def topk_keep_mask(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> torc
 def output_slots(keep: torch.Tensor) -> torch.Tensor:
     """``[B, N]`` int64: the output position of every kept token (kept tokens keep their order)."""
     return torch.cumsum(keep.long(), dim=1) - 1
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, count]`` int64: the positions where each row of ``mask`` is True, ascending.
+
+    Every row must hold exactly ``count`` True entries. A stable sort of the mask rather than
+    ``nonzero()``, so that the shape is known without looking at the data (``torch.compile`` with
+    ``fullgraph=True`` and ``torch.export`` trace it).
+    """
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
 
 
 def cosine_best_kept(metric: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""ToMe: bipartite soft matching and size-weighted token merging, with merge schedules.
+"""ToMe: bipartite soft matching and size-weighted token merging.
 
-Semantics from "Token Merging: Your ViT but Faster" (Bolya et al., ICLR 2023), as specified in
-``METHODS.md``. Every block, between the attention residual and the MLP, ToMe removes ``r`` tokens:
+Semantics from "Token Merging: Your ViT but Faster" (Bolya et al., ICLR 2023). Every block, between
+the attention residual and the MLP, ToMe removes ``r`` tokens:
 
 1. metric = head-mean of the keys, L2-normalised;
 2. alternate split: even positions form set A, odd positions set B;
@@ -11,10 +11,10 @@ Semantics from "Token Merging: Your ViT but Faster" (Bolya et al., ICLR 2023), a
    (size-weighted average; several A tokens may land on one B token); sizes add up;
 5. output: the unmerged A tokens in their original order (class token first), then all B tokens.
 
-This module holds the PyTorch reference (the specification, written to read like the steps above,
-and the CPU path), the public functional API :func:`tome_merge_tokens` / :func:`tome_merge` with
-input checks and backend dispatch (the fused Triton kernels of :mod:`fastprune.kernels.tome` on
-CUDA), and the merge schedules (:func:`tome_schedule`, :func:`tome_token_counts`).
+This module holds the PyTorch reference (the specification, and the CPU path) and the functional API
+:func:`tome_merge_tokens` / :func:`tome_merge` with input checks and backend dispatch (the fused
+Triton kernels of :mod:`fastprune.kernels.tome` on CUDA). The schedules are in
+:mod:`fastprune.schedules` (:func:`tome_schedule`, re-exported here).
 
 Choices (where the description leaves room, or where the published algorithm is generalised):
 
@@ -29,7 +29,7 @@ Choices (where the description leaves room, or where the published algorithm is 
   code puts the distillation token after the unmerged A tokens; here it stays at position 1, where
   timm's distilled heads read it (same tokens, same values, only that token's position differs).
   For ``p = 0`` the published code leaves the unmerged A tokens in descending-score order; here they
-  keep their original order (METHODS.md step 5). A permutation of tokens changes no prediction of a
+  keep their original order (step 5). A permutation of tokens changes no prediction of a
   ViT whose positions are already embedded.
 * **Ties**: a best partner tie goes to the lower B index (first maximum); a tie in best-partner
   similarity between A tokens goes to the lower A index (stable descending sort). The published code
@@ -38,29 +38,23 @@ Choices (where the description leaves room, or where the published algorithm is 
   has similarity 0 to everything (the published code divides by the raw norm and would produce NaN).
 * All arithmetic is in float32 (float64 for float64 input, used by the gradient checks); half
   precision tokens are converted on load and the result is cast back, so nothing overflows.
-
-Schedules: ``r`` per block is a constant int, a per-layer list, or a linear "decreasing" ramp
-(:func:`tome_schedule`). The ToMe timm patch registers as ``method="tome"`` in
-:mod:`fastprune.patch` (see :func:`register_with_patch`).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _checks
+from . import _checks, backends
 from .reference import COSINE_EPS, Merged, compute_dtype, weighted_merge
+from .schedules import TOME_SCHEDULES as SCHEDULES, check_count, tome_schedule
 
 __all__ = [
     "Matching", "bipartite_soft_matching", "merge_wavg", "tome_merge_reference", "tome_merge_tokens",
-    "tome_merge", "clip_r", "tome_schedule", "tome_token_counts", "SCHEDULES", "register_with_patch",
-    "PATCH_DEFAULTS",
+    "tome_merge", "clip_r", "tome_schedule", "tome_token_counts", "SCHEDULES", "BACKENDS",
 ]
 
-BACKENDS = ("auto", "triton", "reference")
-#: Names accepted by :func:`tome_schedule`.
-SCHEDULES = ("constant", "decreasing")
+BACKENDS = backends.TRITON_BACKENDS
 
 
 class Matching(NamedTuple):
@@ -80,14 +74,6 @@ class Matching(NamedTuple):
     partner: torch.Tensor
     merged: torch.Tensor
     n_out: int
-
-
-def _check_r(r, name: str = "r") -> int:
-    """``r`` must be an int (any ``numbers.Integral``, not bool) ``>= 0``."""
-    r = _checks.check_int(r, name, -2 ** 62, 2 ** 62)
-    if r < 0:
-        raise ValueError(f"{name} must be >= 0 (tokens merged in a block; clipped to (N - p) // 2), got {r}")
-    return r
 
 
 def clip_r(r: int, num_tokens: int, num_prefix_tokens: int) -> int:
@@ -177,14 +163,6 @@ def tome_merge_reference(x: torch.Tensor, r: int, size: Optional[torch.Tensor] =
     return Merged(x_out, size_out, matching.index)
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda else "reference"
-    return backend
-
-
 def tome_merge_tokens(x: torch.Tensor, r: int, *, metric: Optional[torch.Tensor] = None,
                       size: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1,
                       backend: str = "auto") -> Merged:
@@ -222,10 +200,10 @@ def tome_merge_tokens(x: torch.Tensor, r: int, *, metric: Optional[torch.Tensor]
     _checks.check_tokens(x)
     B, N, _ = x.shape
     p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
-    r = _check_r(r)
+    r = check_count(r)
     metric = _checks.check_metric(metric, x)
     size = _checks.check_size(size, x)
-    backend = _resolve_backend(backend, x)
+    backend = backends.resolve_backend(backend, x, BACKENDS)
     r = clip_r(r, N, p)
 
     if r == 0:
@@ -249,64 +227,6 @@ def tome_merge(x: torch.Tensor, r: int, **kwargs) -> torch.Tensor:
     return tome_merge_tokens(x, r, **kwargs).x
 
 
-# --------------------------------------------------------------------------------------------------
-# Schedules
-# --------------------------------------------------------------------------------------------------
-
-def tome_schedule(r: Union[int, Sequence[int]], num_layers: int, schedule: str = "constant") -> list[int]:
-    """Tokens merged in every block: ToMe's constant, per-layer or linearly decreasing schedules.
-
-    * ``r`` an int, ``schedule="constant"``: ``r`` in every block (the paper's default).
-    * ``r`` a list/tuple of ``num_layers`` ints: used as given (``schedule`` must be "constant").
-    * ``r`` an int, ``schedule="decreasing"``: a linear ramp from ``2r`` in the first block down to
-      ``0`` in the last, with exactly the same total ``num_layers * r`` as the constant schedule.
-      The ramp's exact values are ``v_l = 2r (L - 1 - l) / (L - 1)`` (``l = 0 .. L-1``, summing to
-      ``L r``); they are rounded by largest remainder, in integers: every block gets
-      ``floor(v_l)``, and the ``L r - sum floor(v_l)`` blocks with the largest fractional part of
-      ``v_l`` (the earlier block on ties) get one more. The result keeps the total, starts at ``2r``,
-      ends at ``0`` and never increases. (Truncating every ``v_l`` instead would merge fewer
-      tokens in total than the constant schedule.)
-      For ``L = 1`` the schedule is ``[r]``.
-
-    Per-block values are clipped at run time to ``(N - p) // 2`` (see :func:`tome_token_counts`).
-
-    Args:
-        r: int ``>= 0`` or a sequence of ``num_layers`` ints ``>= 0``.
-        num_layers: ``L >= 1``, number of blocks.
-        schedule: ``"constant"`` or ``"decreasing"``.
-
-    Returns:
-        list of ``num_layers`` ints.
-
-    Raises:
-        TypeError: ``r`` neither an int nor a sequence of ints; ``num_layers`` not an int.
-        ValueError: negative values, a list of the wrong length, unknown ``schedule``, or
-            ``"decreasing"`` with a list.
-    """
-    L = _checks.check_int(num_layers, "num_layers", 1, 2 ** 31)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(r, (list, tuple)):
-        if schedule != "constant":
-            raise ValueError(f"schedule={schedule!r} needs an int r, got a per-layer list")
-        if len(r) != L:
-            raise ValueError(f"r as a per-layer list must have num_layers={L} entries, got {len(r)}")
-        return [_check_r(v, f"r[{i}]") for i, v in enumerate(r)]
-    if isinstance(r, torch.Tensor) and r.dim() == 1:
-        return tome_schedule([int(v) for v in r.tolist()], L, schedule)
-    r = _check_r(r)
-    if schedule == "constant" or L == 1:
-        return [r] * L
-
-    numerators = [2 * r * (L - 1 - l) for l in range(L)]  # v_l = numerators[l] / (L - 1)
-    counts = [n // (L - 1) for n in numerators]
-    missing = r * L - sum(counts)
-    by_remainder = sorted(range(L), key=lambda l: (-(numerators[l] % (L - 1)), l))
-    for l in by_remainder[:missing]:
-        counts[l] += 1
-    return counts
-
-
 def tome_token_counts(num_tokens: int, schedule: Sequence[int], num_prefix_tokens: int = 1) -> list[int]:
     """Token count after every block when ToMe merges ``schedule[l]`` tokens in block ``l``.
 
@@ -320,71 +240,3 @@ def tome_token_counts(num_tokens: int, schedule: Sequence[int], num_prefix_token
         n -= clip_r(int(r), n, p)
         counts.append(n)
     return counts
-
-
-# --------------------------------------------------------------------------------------------------
-# timm patch: method="tome"
-# --------------------------------------------------------------------------------------------------
-
-#: Matching metrics of the ``"tome"`` patch method: the head-mean of the keys (the paper's choice,
-#: its ablation found keys better than x, q or v) or the tokens ``x`` themselves.
-PATCH_METRICS = ("keys", "x")
-#: Options of the ``"tome"`` patch method and their defaults (the paper's).
-PATCH_DEFAULTS = {"metric": "keys", "schedule": "constant", "backend": "auto"}
-
-
-def _patch_validate(options) -> None:
-    _checks.check_choice(options["metric"], "metric", PATCH_METRICS)
-    _checks.check_choice(options["schedule"], "schedule", SCHEDULES)
-    _checks.check_choice(options["backend"], "backend", BACKENDS)
-
-
-def _patch_needs(options) -> frozenset:
-    return frozenset({"keys"}) if options["metric"] == "keys" else frozenset()
-
-
-def _patch_schedule(r, depth: int, options):
-    """``schedule="decreasing"`` turns an int ``r`` into :func:`tome_schedule`'s per-block ramp."""
-    if options["schedule"] == "constant":
-        return r
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise ValueError(f"schedule={options['schedule']!r} needs an int r (tokens per block on average), "
-                         f"got {r!r}")
-    return tome_schedule(r, depth, options["schedule"])
-
-
-def _patch_max_r(num_tokens: int, num_prefix_tokens: int) -> int:
-    return max(0, (num_tokens - num_prefix_tokens) // 2)
-
-
-def _patch_reducer(x: torch.Tensor, ctx) -> tuple:
-    """ToMe in a timm block (between the attention residual and the MLP): bipartite soft matching on
-    the head-mean keys of this block's attention, size-weighted merge; see :func:`tome_merge_tokens`."""
-    metric = ctx.keys if ctx.options["metric"] == "keys" else x
-    merged = tome_merge_tokens(x, ctx.r, metric=metric, size=None if ctx.size_is_ones else ctx.size,
-                               num_prefix_tokens=ctx.num_prefix_tokens, backend=ctx.options["backend"])
-    return merged.x, merged.size, merged.index
-
-
-def register_with_patch() -> None:
-    """Register ``method="tome"`` with :func:`fastprune.patch.timm` (done when :mod:`fastprune.patch`
-    is first imported; importing this module alone does not import timm).
-
-    ``fastprune.patch.timm(model, method="tome", r=13)``: ToMe (Bolya et al., ICLR 2023) in every block,
-    between the attention residual and the MLP, with the paper's defaults: constant ``r`` per block,
-    proportional attention on (``prop_attn=True``), matching on the head-mean of the keys.
-    ``r`` is an int, a per-block list, or a float keep rate (every block keeps ``ceil(rho (N_l - p))``
-    tokens); every block's ``r`` is clipped to ``(N_l - p) // 2``. Options:
-
-    * ``schedule="constant"`` or ``"decreasing"`` (int ``r`` only: :func:`tome_schedule`'s ramp from
-      ``2r`` to ``0`` with the same total);
-    * ``metric="keys"`` (head-mean of the keys) or ``"x"``;
-    * ``backend="auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``;
-    * the common ``prop_attn`` and ``prop_attn_impl``.
-    """
-    from . import patch
-
-    if "tome" not in patch.available_methods():
-        patch.register_method("tome", _patch_reducer, needs=_patch_needs, defaults=PATCH_DEFAULTS,
-                              validate=_patch_validate, max_r=_patch_max_r, schedule=_patch_schedule)
-

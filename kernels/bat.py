@@ -1,7 +1,7 @@
 """Fused BAT token reduction: matching and clustering kernels, launchers and the autograd Function.
 
 Semantics: "Beyond Attentive Tokens: Incorporating Token Importance and Diversity for Efficient Vision
-Transformers" (Long et al., CVPR 2023), as specified in METHODS.md and written out step by step in
+Transformers" (Long et al., CVPR 2023), written out step by step in
 :mod:`fastprune.bat` (:func:`~fastprune.bat.bat_reference`), which this file reproduces: same
 decoupling, same bipartite soft matching, same DPC-kNN clustering, same tie-breaks, same index map,
 same merge arithmetic (float32).
@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprune.bat import BATCounts
-from fastprune.reference import COSINE_EPS, Merged
+from fastprune.reference import COSINE_EPS, BATCounts, Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register

@@ -2,7 +2,7 @@
 tokens, and the token cut loss, with their launchers and ``torch.autograd.Function`` s.
 
 Semantics: "No Token Left Behind: Efficient Vision Transformer via Dynamic Token Idling" (Xu et al.,
-2023), as specified in ``METHODS.md`` and in the PyTorch reference :mod:`fastprune.idle`, which is
+2023), as specified by the PyTorch reference :mod:`fastprune.idle`, which is
 the specification these kernels are tested against. In an idle layer the class token's attention
 logits rank the tokens, the top ``K`` plus the prefix are selected, gathered into a short sequence
 that goes through the block, and the block's outputs are scattered back; idle tokens are copied

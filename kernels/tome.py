@@ -1,7 +1,7 @@
 """Fused ToMe token merging: Triton kernels, their launchers and the autograd Function.
 
-Semantics: "Token Merging: Your ViT but Faster" (Bolya et al., ICLR 2023), as specified in METHODS.md
-and written out step by step in :func:`fastprune.tome.bipartite_soft_matching` and
+Semantics: "Token Merging: Your ViT but Faster" (Bolya et al., ICLR 2023), written out
+step by step in :func:`fastprune.tome.bipartite_soft_matching` and
 :func:`fastprune.tome.tome_merge_reference`, which this file reproduces (same A/B split, same best
 partners, same merged tokens, same output order and index map, same size-weighted average):
 

@@ -409,7 +409,7 @@ def test_reselect_off_never_selects_an_idle_token_again():
             x = model._pos_embed(model.patch_embed(images))
             out = model(images)
         sel = []
-        record = idle._CUT_LOSSES[patch.state(model)]
+        record = model.fastprune_record("idle")
         assert record.selected is not None
         # replay the blocks to see every layer's selection
         ks = idle.idle_schedule(0.7, 8, 16)

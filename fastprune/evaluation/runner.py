@@ -1,0 +1,154 @@
+"""Evaluation runs: every setting timed side by side on the same batches, and the results table."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .data import Images
+from .settings import Setting, apply_setting, parse_setting, revert_setting, setting_gflops
+
+__all__ = ["Result", "evaluate_setting", "evaluate_settings", "compare", "format_table", "COLUMNS"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Result:
+    """One row of the table. ``top1``/``top5``/``agree`` in percent, ``images_per_s`` over forward
+    passes only, ``speedup`` and ``flops_reduction`` (percent) against the baseline, ``predictions``
+    int64 ``[n]`` top-1 class per image."""
+
+    setting: Setting
+    gflops: float
+    top1: float
+    top5: float
+    images_per_s: float
+    predictions: torch.Tensor
+    agree: float = 100.0
+    speedup: float = 1.0
+    flops_reduction: float = 0.0
+    top1_delta: float = 0.0
+
+
+def evaluate_setting(model: torch.nn.Module, images: Images, setting: Union[Setting, str] = "none", *,
+                     device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                     warmup: int = 1, progress: bool = True) -> Result:
+    """Evaluate one setting: patch ``model`` (unless "none"), count GFLOPs, run every batch, revert.
+
+    Args:
+        model: the timm model from :func:`load_model`; patched in place for the duration of the call
+            and reverted afterwards (also on error).
+        images: preprocessed images from :func:`load_images` (float32 CPU batches).
+        setting: a :class:`Setting` or its text form (see :func:`parse_setting`).
+        device, dtype: where and in what dtype to run; the model's own if None.
+        warmup: untimed forward passes on the first batch before timing.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`Result` with GFLOPs per image, top-1 / top-5 in percent and images/s over the model
+        forward passes only (decoding excluded; CUDA synchronised). Baseline-relative fields
+        (``agree``, ``speedup``...) are filled in by :func:`compare`.
+    """
+    return evaluate_settings(model, images, [setting], device=device, dtype=dtype, warmup=warmup,
+                             progress=progress)[0]
+
+
+def evaluate_settings(model: torch.nn.Module, images: Images, settings: Sequence[Union[Setting, str]], *,
+                      device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                      warmup: int = 1, progress: bool = True) -> List[Result]:
+    """Evaluate several settings side by side, timing them interleaved batch by batch.
+
+    Each setting's GFLOPs are counted and it is warmed up (``warmup`` forwards of the first batch);
+    then for every batch each setting in turn is patched in, timed on that batch and reverted. The
+    settings thus share the machine's conditions (other load, clock changes) and their images/s are
+    comparable even on a busy machine. Patching and reverting are outside the timed region.
+
+    Arguments as in :func:`evaluate_setting`; returns one :class:`Result` per setting, in order
+    (call :func:`compare` for the baseline-relative fields).
+    """
+    from tqdm import tqdm
+
+    settings = [parse_setting(s) if isinstance(s, str) else s for s in settings]
+    param = next(model.parameters())
+    device = param.device if device is None else torch.device(device)
+    dtype = param.dtype if dtype is None else dtype
+    batches = [b.to(device=device, dtype=dtype) for b in images.batches]
+    gflops = [setting_gflops(model, setting, images.batches[0][:1]) for setting in settings]
+    for setting in settings:
+        apply_setting(model, setting)
+        try:
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    model(batches[0])
+                _sync(device)
+        finally:
+            revert_setting(model, setting)
+    elapsed = [0.0] * len(settings)
+    logits: List[List[torch.Tensor]] = [[] for _ in settings]
+    bar = tqdm(total=len(batches) * len(settings), desc="evaluating", unit="batch", disable=not progress,
+               file=sys.stderr)
+    with torch.inference_mode(), bar:
+        for batch in batches:
+            for i, setting in enumerate(settings):
+                apply_setting(model, setting)
+                try:
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = model(batch)
+                    _sync(device)
+                    elapsed[i] += time.perf_counter() - start
+                finally:
+                    revert_setting(model, setting)
+                logits[i].append(out.float().cpu())
+                bar.update(1)
+    labels = images.labels
+    results = []
+    for setting, flops, seconds, chunks in zip(settings, gflops, elapsed, logits):
+        top5 = torch.cat(chunks).topk(5, dim=1).indices
+        predictions = top5[:, 0]
+        results.append(Result(setting=setting, gflops=flops,
+                              top1=100.0 * (predictions == labels).float().mean().item(),
+                              top5=100.0 * (top5 == labels[:, None]).any(dim=1).float().mean().item(),
+                              images_per_s=len(labels) / seconds, predictions=predictions))
+    return results
+
+
+def compare(results: List[Result]) -> List[Result]:
+    """Fill in the baseline-relative fields of every result against ``results[0]`` (in place)."""
+    base = results[0]
+    for res in results:
+        res.agree = 100.0 * (res.predictions == base.predictions).float().mean().item()
+        res.speedup = res.images_per_s / base.images_per_s
+        res.flops_reduction = 100.0 * (1.0 - res.gflops / base.gflops)
+        res.top1_delta = res.top1 - base.top1
+    return results
+
+
+COLUMNS = ("method", "r / keep rate", "GFLOPs", "FLOPs -%", "top-1", "Δ top-1", "top-5", "agree %",
+           "images/s", "speed-up")
+
+
+def _row(res: Result) -> List[str]:
+    return [res.setting.method_label(), res.setting.r_label(), f"{res.gflops:.3f}", f"{res.flops_reduction:.1f}",
+            f"{res.top1:.1f}", f"{res.top1_delta:+.1f}", f"{res.top5:.1f}", f"{res.agree:.1f}",
+            f"{res.images_per_s:.1f}", f"{res.speedup:.2f}x"]
+
+
+def format_table(results: List[Result], markdown: bool = False) -> str:
+    """The results as an aligned text table, or a Markdown table if ``markdown``."""
+    rows = [list(COLUMNS)] + [_row(r) for r in results]
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" if i < 2 else "---:"
+                                                                   for i in range(len(COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows[1:]])
