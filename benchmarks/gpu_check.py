@@ -561,6 +561,15 @@ def run(out_dir: pathlib.Path, dry_run: bool, budget: float) -> dict:
            _table(results["kernels"], ["op", "provider", "batch", "dtype", "mode", "r", "keep_rate", "status",
                                        "median_ms", "p20_ms", "p80_ms", "roofline_us", "frac_copy_bw",
                                        "speedup_vs_eager", "speedup_vs_reference", "check", "note"]), ""]
+    try:
+        from benchmarks import cost_model
+
+        model_rows = cost_model.table([b for b in plan.kernel_batches if b in (1, plan.kernel_batches[-1])])
+        md += ["### Cost model prediction for the MSTM merge launches (a model, `python -m benchmarks.cost_model`)",
+               "", _table(model_rows, ["batch", "launch", "min_mb", "written_gflop", "memory_us", "serial_us",
+                                       "predicted_us", "bound"]), ""]
+    except Exception as exc:  # the model must not cost the run its report
+        md += [f"(cost model failed: {harness.first_line(exc)})", ""]
     md += ["## 4. End to end", "",
            _table(results["end_to_end"], ["variant", "compiled", "status", "gflops_per_image", "images_per_s",
                                           "latency_ms", "speedup_vs_unreduced", "latency_speedup_vs_unreduced",
