@@ -128,6 +128,14 @@ def check_metric(metric: Optional[torch.Tensor], x: torch.Tensor, name: str = "m
     return metric
 
 
+def check_attention_inputs(x, attn, size, num_prefix_tokens) -> tuple:
+    """The inputs of every class-attention method: tokens ``x``, class attention ``attn``, ``size``
+    and ``num_prefix_tokens``. Returns ``(p, scores [B, N] float32, size [B, N] float32 or None)``."""
+    check_tokens(x)
+    p = check_int(num_prefix_tokens, "num_prefix_tokens", 0, x.shape[1] - 1)
+    return p, cls_scores(attn, x), check_size(size, x)
+
+
 def check_choice(value, name: str, choices) -> None:
     """``value`` must be one of ``choices``; raises ``ValueError`` naming ``name`` otherwise."""
     if value not in choices:

@@ -228,21 +228,10 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
                k: int = DEFAULT_KNN, backend: str = "auto") -> Merged:
     """Reduce tokens by BAT: keep attentive tokens, match similar ones, cluster the inattentive ones.
 
-    Semantics from "Beyond Attentive Tokens" (Long et al., CVPR 2023):
-
-    1. the ``K = ceil(keep_rate * (N - p))`` non-prefix tokens with the largest class attention are
-       attentive (ties: lower index), the others inattentive;
-    2. bipartite soft matching on the cosine similarity of ``metric`` merges ``r`` attentive tokens
-       into a similar attentive partner (attentive tokens alternate between the two sets in their
-       original order);
-    3. DPC-kNN clusters the inattentive tokens into ``c`` clusters (distance
-       ``cdist(m, m) / sqrt(Cm)``, density ``exp(-mean squared distance to the k nearest neighbours)``,
-       centres the top-``c`` of density x distance to a denser token, every token joins its nearest
-       centre), each cluster becomes one token;
-    4. merges are weighted averages with weights ``cls attention x size`` **(choice)**; sizes add up.
-
-    Output order: prefix tokens, remaining attentive tokens in their original order, cluster tokens
-    in the original order of their centres. See the module docstring for every tie-break and choice.
+    BAT (Long et al., CVPR 2023), the steps of the module docstring: decouple by class attention,
+    match ``r`` attentive pairs, cluster the inattentive tokens into ``c`` tokens (DPC-kNN), merge
+    with weights ``cls attention x size``. Output: prefix tokens, the remaining attentive tokens in
+    their original order, the cluster tokens in the order of their centres.
 
     Args:
         x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
@@ -276,12 +265,9 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
             ``(0, 1]``, ``num_prefix_tokens`` out of range, ``num_clusters < 1``, ``num_pairs < 0``,
             ``k < 1``, unknown ``backend``.
     """
-    _checks.check_tokens(x)
+    p, scores, size = _checks.check_attention_inputs(x, attn, size, num_prefix_tokens)
     B, N, _ = x.shape
-    p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
     keep_rate = check_keep_rate(keep_rate)
-    scores = _checks.cls_scores(attn, x)
-    size = _checks.check_size(size, x)
     metric = _checks.check_metric(metric, x)
     num_clusters = _checks.check_int(num_clusters, "num_clusters", 1, 2 ** 31 - 1)
     if num_pairs is not None:

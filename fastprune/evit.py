@@ -92,13 +92,10 @@ def evit_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: 
                 num_prefix_tokens: int = 1, normalize: bool = False, backend: str = "auto") -> Merged:
     """Keep the attentive tokens and fuse the inattentive ones into one token (EViT).
 
-    Semantics from "Not All Patches are What You Need" (Liang et al., ICLR 2022): keep the
-    ``K = ceil(keep_rate * (N - p))`` non-prefix tokens with the largest class attention (ties: lower
-    index); fuse the other ``N - p - K`` tokens into one token ``sum_i a_i x_i`` weighted by their
-    class attention (the paper's form: weights are not renormalised; ``normalize=True`` gives the
-    weighted average ``sum_i a_i x_i / sum_i a_i``). Sizes: kept tokens keep theirs, the fused
-    token's size is the sum of the fused sizes. Output order **(choice)**: prefix tokens, attentive
-    tokens in their original order, the fused token last. Prefix tokens pass through untouched.
+    EViT (Liang et al., ICLR 2022), as in the module docstring: the ``K = ceil(keep_rate (N - p))``
+    most attended non-prefix tokens stay (ties: lower index), the others become one token
+    ``sum_i a_i x_i`` (``normalize=True``: divided by ``sum_i a_i``) whose size is the sum of theirs.
+    Output: prefix tokens, attentive tokens in their original order, the fused token.
 
     Args:
         x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
@@ -126,12 +123,9 @@ def evit_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: 
         ValueError: wrong ranks or shapes, tensors on different devices, ``keep_rate`` outside
             ``(0, 1]``, ``num_prefix_tokens`` out of range, unknown ``backend``.
     """
-    _checks.check_tokens(x)
+    p, scores, size = _checks.check_attention_inputs(x, attn, size, num_prefix_tokens)
     B, N, _ = x.shape
-    p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
     keep_rate = check_keep_rate(keep_rate)
-    scores = _checks.cls_scores(attn, x)
-    size = _checks.check_size(size, x)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     backend = backends.resolve_backend(backend, x, BACKENDS)

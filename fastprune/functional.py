@@ -57,12 +57,9 @@ def merge_tokens(x: torch.Tensor, attn: torch.Tensor, r: int, *, size: Optional[
             ``backend``, ``backend="cuda"`` with CPU tensors.
         RuntimeError: ``backend="cpp"``/``"cuda"`` when the extension is not built.
     """
-    _checks.check_tokens(x)
+    p, scores, size = _checks.check_attention_inputs(x, attn, size, num_prefix_tokens)
     B, N, _ = x.shape
-    p = _checks.check_int(num_prefix_tokens, "num_prefix_tokens", 0, N - 1)
     r = _checks.check_int(r, "r", 0, N - p - 1)
-    scores = _checks.cls_scores(attn, x)
-    size = _checks.check_size(size, x)
     metric = _checks.check_metric(metric, x)
     if weight not in MERGE_WEIGHTS:
         raise ValueError(f"weight must be 'size' or 'size_attn', got {weight!r}")
