@@ -28,12 +28,16 @@ FLOPs, which method loses the least top-1?" for off-the-shelf pretrained ViTs (n
 3. **Evaluation.** Per model, the unreduced baseline, the anchors and all matched settings run side by
    side in one :func:`fastprune.evaluate.evaluate_settings` call (timed interleaved batch by batch, so
    images/s are comparable), and one table per model is printed: FLOPs level, method, setting,
-   GFLOPs, FLOPs -%, top-1, Δ top-1, top-5, images/s, speed-up, device. Below each table, the best
+   GFLOPs, FLOPs -%, top-1, Δ top-1 (with its paired bootstrap 95% interval), top-5, agreement of
+   top-1 with the unreduced model (with interval), mean KL(unreduced || reduced), images/s,
+   speed-up, device (agreement and KL over every image and its horizontal flip, see
+   :mod:`fastprune.evaluation.fidelity`). Below each table, the best
    method at each level (highest top-1 among the non-ToMe rows) and whether it loses less top-1 than
    ToMe there.
 
 Accuracy on the project's 500 sample images is only meaningful relative to the same model unreduced
-(see the data README). images/s are for the device and thread count printed in the table.
+(see the data README). images/s are for the device and thread count printed in the table. The
+images are the report half by default (``--split``, as in :mod:`fastprune.evaluate`).
 """
 from __future__ import annotations
 
@@ -44,12 +48,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .evaluation.data import DTYPES, Images, default_data_dir, device_label, load_images, load_model
+from .evaluation.data import (DTYPES, Images, add_split_arguments, default_data_dir, device_label, load_images,
+                              load_model)
 from .evaluation.matching import (DEFAULT_ANCHORS, DEFAULT_TOLERANCE, FAMILY_NAMES, KEEP_RATE_STEP, MATCH_SIDES,
                                   MERGE_SKIP_BLOCKS, Family, Match, anchor_setting, check_anchors,
                                   check_tolerance, default_families, match_all, match_family, match_parameter,
                                   merge_ramp)
-from .evaluation.runner import Result, compare as compare_results, evaluate_settings
+from .evaluation.runner import Result, compare as compare_results, evaluate_settings, format_interval
 from .evaluation.settings import format_value
 
 __all__ = [
@@ -101,7 +106,8 @@ def compare_model(model: torch.nn.Module, images: Images, anchors: Sequence[int]
                   model_name: str = "", families: Optional[Sequence[Family]] = None,
                   methods: Optional[Sequence[str]] = None, tolerance: float = DEFAULT_TOLERANCE,
                   side: str = "closest", device: Union[str, torch.device, None] = None,
-                  dtype: Optional[torch.dtype] = None, warmup: int = 1, progress: bool = True) -> ModelComparison:
+                  dtype: Optional[torch.dtype] = None, warmup: int = 1, flip: bool = True,
+                  progress: bool = True) -> ModelComparison:
     """Match every family to every anchor, then evaluate all settings side by side on ``images``.
 
     The unreduced model, the ToMe anchors and the matched settings (each distinct setting once) run
@@ -114,7 +120,7 @@ def compare_model(model: torch.nn.Module, images: Images, anchors: Sequence[int]
         anchors, families, methods, side: as :func:`match_all`.
         model_name: for the report.
         tolerance: largest accepted ``|GFLOPs / anchor GFLOPs - 1|``, in ``(0, 1)``.
-        device, dtype, warmup, progress: as :func:`fastprune.evaluate.evaluate_settings`.
+        device, dtype, warmup, flip, progress: as :func:`fastprune.evaluate.evaluate_settings`.
 
     Returns:
         :class:`ModelComparison`.
@@ -136,7 +142,7 @@ def compare_model(model: torch.nn.Module, images: Images, anchors: Sequence[int]
         texts.extend(m.setting for m in kept if m.anchor == r)
     unique = list(dict.fromkeys(texts))
     results = compare_results(evaluate_settings(model, images, unique, device=device, dtype=dtype,
-                                                warmup=warmup, progress=progress))
+                                                warmup=warmup, flip=flip, progress=progress))
     by_text = dict(zip(unique, results))
     rows = [ComparisonRow(None, "none (unreduced)", by_text["none"])]
     for r in anchors:
@@ -170,16 +176,17 @@ def _setting_cell(result: Result) -> str:
     return ", ".join(parts)
 
 
-COLUMNS = ("FLOPs level", "method", "setting", "GFLOPs", "FLOPs -%", "top-1", "Δ top-1", "top-5", "images/s",
-           "speed-up", "device")
+COLUMNS = ("FLOPs level", "method", "setting", "GFLOPs", "FLOPs -%", "top-1", "Δ top-1", "Δ top-1 95% CI",
+           "top-5", "agree %", "agree 95% CI", "KL", "images/s", "speed-up", "device")
 
 
 def _row_cells(row: ComparisonRow, device: str) -> List[str]:
     res = row.result
     level = "-" if row.level is None else f"ToMe r={row.level}"
     return [level, row.label, _setting_cell(res), f"{res.gflops:.3f}", f"{res.flops_reduction:.1f}",
-            f"{res.top1:.1f}", f"{res.top1_delta:+.1f}", f"{res.top5:.1f}", f"{res.images_per_s:.1f}",
-            f"{res.speedup:.2f}x", device]
+            f"{res.top1:.1f}", f"{res.top1_delta:+.1f}", format_interval(*res.top1_delta_ci, sign=True),
+            f"{res.top5:.1f}", f"{res.agree:.1f}", format_interval(*res.agree_ci), f"{res.kl:.4f}",
+            f"{res.images_per_s:.1f}", f"{res.speedup:.2f}x", device]
 
 
 def format_comparison(comparison: ModelComparison, markdown: bool = False) -> str:
@@ -231,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="families to match (default: all)")
     parser.add_argument("--data", type=str, default=None,
                         help="data directory (default: $FASTPRUNE_DATA or ../shared/data next to the repository)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images, sorted by file name")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N images of the split, sorted by file name")
+    add_split_arguments(parser)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest relative GFLOPs difference to the anchor (default: %(default)s)")
     parser.add_argument("--match", choices=MATCH_SIDES, default="closest",
@@ -260,11 +269,11 @@ def run(args: argparse.Namespace) -> List[ModelComparison]:
     out = []
     for name in args.models:
         model = load_model(name, data_dir=data_dir, device=args.device, dtype=dtype)
-        images = load_images(data_dir, model, limit=args.limit, batch_size=args.batch_size,
-                                 workers=args.workers, progress=not args.no_progress)
+        images = load_images(data_dir, model, limit=args.limit, split=args.split, batch_size=args.batch_size,
+                             workers=args.workers, progress=not args.no_progress)
         out.append(compare_model(model, images, anchors, model_name=name, methods=args.methods,
                                  tolerance=tolerance, side=args.match, device=args.device, warmup=args.warmup,
-                                 progress=not args.no_progress))
+                                 flip=not args.no_flip, progress=not args.no_progress))
         del model, images
     return out
 
@@ -281,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, comp in enumerate(comparisons):
         if i:
             print()
-        title = (f"{comp.model_name} on {comp.num_images} images, {args.dtype}, batch {args.batch_size}, "
+        title = (f"{comp.model_name} on {comp.num_images} images (split {args.split}), {args.dtype}, batch {args.batch_size}, "
                  f"{comp.device}; methods matched to ToMe's GFLOPs within {100 * comp.tolerance:g}%")
         print(f"### {title}\n" if args.markdown else title)
         print(format_comparison(comp, markdown=args.markdown))

@@ -4,11 +4,19 @@
 preprocesses a folder of labelled ImageNet images with timm's own transform, runs every requested
 setting (the unreduced model first, as the baseline) and prints one row per setting::
 
-    method | r / keep rate | GFLOPs | FLOPs -% | top-1 | Δ top-1 | top-5 | agree | images/s | speed-up
+    method | r / keep rate | GFLOPs | FLOPs -% | top-1 | Δ top-1 (+ 95% CI) | top-5 | agree % (+ CI)
+    | KL (+ CI) | images/s | speed-up
 
 GFLOPs: :func:`~fastprune.evaluation.settings.setting_gflops`; images/s over the forward passes
 only, all settings interleaved batch by batch (:func:`~fastprune.evaluation.runner.evaluate_settings`);
-"agree" is the share of images whose top-1 equals the unreduced model's. Setting syntax:
+top-1 / top-5 on the images as they are; "agree" (top-1 equal to the unreduced model's) and "KL"
+(mean KL(unreduced || reduced) of the softmax outputs, nats) over every image and its horizontal
+flip; the intervals are paired bootstraps over images with a fixed seed
+(:mod:`fastprune.evaluation.fidelity`).
+
+``--split`` picks the half of the images: "report" (default; odd positions of the folder sorted by
+file name), "tune" (even positions; make every choice of defaults or schedules there) or "all".
+``--limit N`` then takes the first N images of that half. Setting syntax:
 :mod:`fastprune.evaluation.settings`; data layout: :mod:`fastprune.evaluation.data`. Accuracy on the
 sample images is only meaningful relative to the same model unreduced.
 """
@@ -21,17 +29,17 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .evaluation.data import (DEFAULT_WEIGHTS, DTYPES, IMAGE_SUFFIXES, IMAGES_DIR, SYNSETS_FILE, Images,
+from .evaluation.data import (DEFAULT_SPLIT, DEFAULT_WEIGHTS, DTYPES, IMAGE_SUFFIXES, IMAGES_DIR, SPLITS, SYNSETS_FILE, Images,
                               LabelledImages, default_data_dir, default_weights, device_label, image_files,
-                              load_images, load_model, read_synsets)
+                              load_images, load_model, read_synsets, split_files, add_split_arguments)
 from .evaluation.runner import COLUMNS, Result, compare, evaluate_setting, evaluate_settings, format_table
 from .evaluation.settings import (DEFAULT_SETTINGS, RECOMMENDED_SETTING, Setting, count_gflops, parse_setting,
                                   setting_gflops)
 from .schedules import RSpec
 
-__all__ = ["DEFAULT_WEIGHTS", "DTYPES", "IMAGE_SUFFIXES", "IMAGES_DIR", "SYNSETS_FILE", "Images", "LabelledImages",
-           "default_data_dir", "default_weights", "device_label", "image_files", "load_images", "load_model",
-           "read_synsets", "COLUMNS", "Result", "compare", "evaluate_setting", "evaluate_settings", "format_table",
+__all__ = ["DEFAULT_WEIGHTS", "DTYPES", "IMAGE_SUFFIXES", "IMAGES_DIR", "SPLITS", "SYNSETS_FILE", "Images",
+           "LabelledImages", "default_data_dir", "default_weights", "device_label", "image_files", "load_images",
+           "load_model", "read_synsets", "split_files", "DEFAULT_SPLIT", "add_split_arguments", "COLUMNS", "Result", "compare", "evaluate_setting", "evaluate_settings", "format_table",
            "DEFAULT_SETTINGS", "RECOMMENDED_SETTING", "Setting", "count_gflops", "parse_setting", "setting_gflops",
            "RSpec", "build_parser", "run", "main"]
 
@@ -48,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="safetensors state dict (default: the model's file in <data>/weights)")
     parser.add_argument("--data", type=pathlib.Path, default=None,
                         help="data directory (default: $FASTPRUNE_DATA or ../shared/data next to the repository)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images, sorted by file name")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N images of the split, sorted by file name")
+    add_split_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                         help="settings to evaluate; the unreduced model 'none' always runs first "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
@@ -81,9 +91,10 @@ def run(args: argparse.Namespace) -> List[Result]:
     data_dir = default_data_dir() if args.data is None else args.data
     dtype = DTYPES[args.dtype]
     model = load_model(args.model, args.weights, data_dir=data_dir, device=args.device, dtype=dtype)
-    images = load_images(data_dir, model, limit=args.limit, batch_size=args.batch_size, workers=args.workers,
-                         progress=not args.no_progress)
-    return compare(evaluate_settings(model, images, settings, warmup=args.warmup, progress=not args.no_progress))
+    images = load_images(data_dir, model, limit=args.limit, split=args.split, batch_size=args.batch_size,
+                         workers=args.workers, progress=not args.no_progress)
+    return compare(evaluate_settings(model, images, settings, warmup=args.warmup, flip=not args.no_flip,
+                                     progress=not args.no_progress))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -101,7 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, TypeError) as err:  # bad arguments, settings or missing data
         parser.error(str(err))  # exits with status 2
     where = device_label(args.device, cpu_model=False)
-    print(f"{args.model} on {len(results[0].predictions)} images, {args.dtype}, batch {args.batch_size}, {where}")
+    views = "images" if args.no_flip else "images and their flips"
+    print(f"{args.model} on {len(results[0].predictions)} images (split {args.split}), {args.dtype}, "
+          f"batch {args.batch_size}, {where}; agree and KL over the {views}, paired bootstrap 95% CIs")
     print(format_table(results, markdown=args.markdown))
     return 0
 

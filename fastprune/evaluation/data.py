@@ -7,6 +7,7 @@ class index is the synset's line number, from 0: timm's ImageNet-1k order),
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import platform
@@ -28,6 +29,10 @@ SYNSETS_FILE = "imagenet_synsets.txt"
 #: File name endings accepted as images (case-insensitive).
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The halves of the image folder (see :func:`split_files`), and "all" for every image.
+SPLITS = ("tune", "report", "all")
+#: The half the command lines evaluate unless told otherwise.
+DEFAULT_SPLIT = "report"
 
 
 def default_data_dir() -> pathlib.Path:
@@ -103,14 +108,42 @@ def read_synsets(path: Union[str, os.PathLike]) -> Dict[str, int]:
     return {synset: i for i, synset in enumerate(lines)}
 
 
-def image_files(folder: Union[str, os.PathLike], limit: Optional[int] = None) -> List[pathlib.Path]:
-    """The image files in ``folder`` sorted by file name, the first ``limit`` of them if given."""
+def split_files(files: Sequence[pathlib.Path], split: str = "all") -> List[pathlib.Path]:
+    """One half of ``files`` by position in the list sorted by file name: "tune" the even positions
+    (0, 2, 4, ...), "report" the odd ones (1, 3, 5, ...), "all" every file.
+
+    Choices (defaults, schedules, thresholds) are made on "tune"; results are reported on "report".
+    The rule depends only on the file names, so the halves are fixed, disjoint and together cover
+    the folder; with one image per class in synset order they alternate classes.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    files = sorted(files, key=lambda f: pathlib.Path(f).name)
+    if split == "all":
+        return files
+    return files[0::2] if split == "tune" else files[1::2]
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--split`` and ``--no-flip`` of the command lines (``fastprune.evaluate``, ``fastprune.compare``)."""
+    parser.add_argument("--split", choices=SPLITS, default=DEFAULT_SPLIT,
+                        help="which images: 'report' (odd positions of the folder sorted by file name), 'tune' "
+                             "(even positions: tune on these) or 'all'; --limit applies within it "
+                             "(default: %(default)s)")
+    parser.add_argument("--no-flip", action="store_true",
+                        help="skip the horizontally flipped pass (agreement and KL on the images alone)")
+
+
+def image_files(folder: Union[str, os.PathLike], limit: Optional[int] = None,
+                split: str = "all") -> List[pathlib.Path]:
+    """The image files in ``folder`` sorted by file name: the ``split`` half (:func:`split_files`),
+    then the first ``limit`` of those if given."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=lambda f: f.name)
+    files = split_files([f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES], split)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} (split {split!r})")
     return files[:limit] if limit is not None else files
 
 
@@ -151,7 +184,7 @@ class Images:
 
 
 def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[torch.nn.Module] = None, *,
-                limit: Optional[int] = None, batch_size: int = 32, workers: int = 0,
+                limit: Optional[int] = None, split: str = "all", batch_size: int = 32, workers: int = 0,
                 progress: bool = True) -> Images:
     """Decode and preprocess the labelled images once, with timm's transform for ``model``.
 
@@ -162,7 +195,8 @@ def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[
         model: the timm model whose pretrained config gives the preprocessing
             (``timm.data.resolve_data_config(model=model)`` + ``timm.data.create_transform``:
             resize, centre crop, normalisation).
-        limit: use only the first ``limit`` images (sorted by file name).
+        limit: use only the first ``limit`` images (sorted by file name) of the ``split``.
+        split: "tune", "report" or "all" (:func:`split_files`); applied before ``limit``.
         batch_size: images per batch (the last batch may be smaller).
         workers: DataLoader worker processes for decoding (0 = in this process).
         progress: show a tqdm progress bar.
@@ -172,7 +206,7 @@ def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[
 
     Raises:
         FileNotFoundError: the image folder or the synsets file does not exist, or has no images.
-        ValueError: a file's synset is unknown, ``limit`` or ``batch_size`` not positive.
+        ValueError: a file's synset is unknown, ``limit`` or ``batch_size`` not positive, unknown ``split``.
     """
     import timm.data
     from tqdm import tqdm
@@ -192,7 +226,7 @@ def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[
         raise FileNotFoundError(f"{SYNSETS_FILE} not found in {root} or {folder.parent}")
 
     config = timm.data.resolve_data_config(model=model)
-    dataset = LabelledImages(image_files(folder, limit), read_synsets(synsets_file),
+    dataset = LabelledImages(image_files(folder, limit, split), read_synsets(synsets_file),
                              timm.data.create_transform(**config))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     batches, labels = [], []
