@@ -102,8 +102,23 @@ def check_size(size: Optional[torch.Tensor], x: torch.Tensor, name: str = "size"
     return size
 
 
+class _LibrarySizes:
+    """While ``depth > 0``, sizes come from the library itself (the patch passes the sizes its own
+    reductions produced, sums of positive sizes), so :func:`check_positive_finite` skips their value
+    check: no extra launches or host synchronisations per block. Shapes are still checked."""
+
+    depth = 0
+
+
+LIBRARY_SIZES = _LibrarySizes()
+
+
 def check_positive_finite(values: torch.Tensor, name: str) -> None:
-    """Every element of ``values`` must be finite and > 0 (``ValueError``; asynchronous on CUDA)."""
+    """Every element of ``values`` must be finite and > 0 (``ValueError``; asynchronous on CUDA).
+
+    Skipped while :data:`LIBRARY_SIZES` is active (sizes the library produced)."""
+    if LIBRARY_SIZES.depth > 0:
+        return
     ok = (values > 0) & torch.isfinite(values)
     if values.is_cuda or torch.compiler.is_compiling():  # no host sync, no graph break
         torch._assert_async(ok.all(), f"{name} must be finite and > 0 everywhere")

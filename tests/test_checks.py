@@ -89,3 +89,28 @@ def test_patch_accepts_numpy_r():
     fastprune.patch.revert(model)
     with pytest.raises(TypeError):
         fastprune.patch.timm(model, method="tome", r=torch.tensor(8))
+
+
+def test_patched_forward_does_not_revalidate_its_own_sizes(monkeypatch):
+    """The value check runs once per user call, not in every block of a patched model (hot path)."""
+    timm = pytest.importorskip("timm")
+    import fastprune.patch
+
+    calls = []
+    original = _checks.check_positive_finite
+
+    def counting(values, name):
+        calls.append(_checks.LIBRARY_SIZES.depth)
+        return original(values, name)
+
+    monkeypatch.setattr(_checks, "check_positive_finite", counting)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=3).eval()
+    fastprune.patch.timm(model, method="merge", r=8)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert fastprune.patch.state(model).num_tokens == [197, 189, 181]
+    assert calls and all(depth > 0 for depth in calls)  # every check inside the patch was skipped
+    assert _checks.LIBRARY_SIZES.depth == 0
+    x, attn = _inputs()
+    with pytest.raises(ValueError, match="size"):
+        fastprune.merge_tokens(x, attn, 3, size=torch.zeros(B, N), backend="reference")

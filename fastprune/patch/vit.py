@@ -18,7 +18,7 @@ from timm.layers import Attention as _TimmAttention
 from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
-from .. import schedules
+from .. import _checks, schedules
 from ..attention import attention_forward
 from ..schedules import RSpec
 from .registry import Method, ReductionContext, ScheduleContext, block_r, get_method, resolve_options
@@ -237,7 +237,11 @@ def _reduce_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, meth
     if ctx.r > 0:
         B, N, C = x.shape
         ctx = _dc_replace(ctx, cls_attn=out.cls_attn, cls_attn_logits=out.cls_attn_logits, keys=out.keys)
-        x, size, index = method.reducer(x, ctx)
+        _checks.LIBRARY_SIZES.depth += 1  # ctx.size is the library's own: no per-block value check
+        try:
+            x, size, index = method.reducer(x, ctx)
+        finally:
+            _checks.LIBRARY_SIZES.depth -= 1
         if x.shape != (B, N - ctx.r, C) or size.shape != (B, N - ctx.r) or index.shape != (B, N):
             raise RuntimeError(f"method {method.name!r}: the reducer must return x [B, N - r, C], size [B, N - r] "
                                f"and index [B, N] (B={B}, N={N}, r={ctx.r}, C={C}), got {tuple(x.shape)}, "
