@@ -383,3 +383,35 @@ def test_bad_arguments_raise(images):
         fpatch.reduction_schedule(model, num_tokens=3)
     with pytest.raises(ValueError, match="needs"):
         fpatch.register_method("test_bad", lambda x, ctx: x, needs={"queries"})
+
+
+def test_recommended_schedule_is_the_documented_setting_and_scales_with_the_model():
+    from fastprune.evaluation.settings import RECOMMENDED_SETTING, parse_setting
+    from fastprune.patch.methods import MERGE_DEFAULTS
+    from fastprune.schedules import recommended_r
+    setting = parse_setting(RECOMMENDED_SETTING)  # the evaluation's recommended setting is the patch default
+    assert setting.method == "merge" and list(setting.r) == recommended_r(12, 196)
+    assert recommended_r(12, 196) == [0, 0] + list(range(21, 11, -1))
+    assert all(MERGE_DEFAULTS[k] == v for k, v in setting.options.items())
+    deep = recommended_r(24, 576)  # ViT-L/16 at 384 px: the same share of tokens, spread over 24 blocks
+    assert deep[:3] == [0, 0, 0] and min(deep) >= 0
+    assert abs(sum(deep) / 576 - sum(recommended_r(12, 196)) / 196) < 0.02
+    assert recommended_r(1, 16) == [0]
+    with pytest.raises(ValueError, match="depth"):
+        recommended_r(0, 196)
+
+
+def test_patch_with_no_arguments_applies_the_recommended_setting(images):
+    from fastprune.schedules import recommended_r
+    model = fpatch.timm(make_vit(depth=12))
+    st = fpatch.state(model)
+    assert st.method.name == "merge" and list(st.r) == recommended_r(12, 16)
+    with torch.no_grad():
+        model(images)
+    assert st.num_tokens[-1] < N0  # it reduces
+    fpatch.timm(model, r=0)  # explicit r=0 stays a no-op, as does a method without r
+    with torch.no_grad():
+        model(images)
+    assert fpatch.state(model).num_tokens == [N0] * 12
+    fpatch.timm(model, method="tome")
+    assert fpatch.state(model).r == 0
