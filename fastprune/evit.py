@@ -7,12 +7,8 @@ attention (softmax form) are kept; the other ``N - p - K`` ("inattentive") token
 extra token ``sum_i a_i x_i``, weighted by their class attention ``a_i``. Output: prefix tokens,
 kept tokens, fused token; then the MLP.
 
-This module holds the PyTorch reference (:func:`evit_reference`, the specification the kernel is
-tested against and the CPU path) and the public functional API (:func:`evit_tokens`, :func:`evit`)
-with input validation and backend dispatch. The fused Triton kernels (one launch selects and fuses)
-live in ``kernels/evit.py``.
-
-Choices (the paper leaves them open):
+:func:`evit_reference` is the specification (and the CPU path); :func:`evit_tokens` validates and
+dispatches to it or to the fused Triton kernel (``kernels/evit.py``). Choices the paper leaves open:
 
 * kept tokens are written in their **original order** (as MSTM's kept tokens), not by attention;
 * fusion weights are the raw class attention (the paper's form, weights sum to less than 1) by
@@ -41,29 +37,11 @@ patch_keep_rate = layer_keep_rate
 def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
                    size: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1,
                    normalize: bool = False) -> Merged:
-    """EViT inattentive token fusion (Liang et al., ICLR 2022), written to read like the paper.
+    """EViT's fusion as the paper describes it: the specification :func:`evit_tokens` is tested against.
 
-    1. Attentive tokens: the ``K = ceil(rho (N - p))`` non-prefix tokens with the largest class
-       attention (ties: lower index).
-    2. Inattentive tokens (the other ``N - p - K``) are fused into one token ``sum_i a_i x_i``
-       (``normalize=True``: ``sum_i a_i x_i / max(sum_i a_i, 1e-12)``); its size is ``sum_i s_i``.
-    3. Output: prefix tokens, attentive tokens in their original order, the fused token.
-
-    No validation (see :func:`evit_tokens`). Computes in float32 (float64 for float64 inputs, which
-    the gradient checks use). Differentiable with respect to ``x`` and ``scores`` (through the fusion
-    weights); the selection itself is not.
-
-    Args:
-        x: ``[B, N, C]`` tokens.
-        scores: ``[B, N]`` class attention, softmax form (prefix columns ignored).
-        keep_rate: ``rho`` in ``(0, 1]``.
-        size: ``[B, N]`` token sizes; ones if None.
-        num_prefix_tokens: ``p``.
-        normalize: divide the fusion weights by their sum.
-
-    Returns:
-        :class:`~fastprune.Merged` ``(x [B, p + K + 1, C], size [B, p + K + 1], index [B, N])``, or the
-        input unchanged (size ones / as given, identity index) when ``K == N - p``.
+    Same arguments and outputs as :func:`evit_tokens`, with ``scores`` ``[B, N]``; no validation.
+    Computes in float32 (float64 for float64 inputs); differentiable in ``x`` and ``scores``
+    through the fusion weights (the selection is not).
     """
     B, N, C = x.shape
     p = num_prefix_tokens
@@ -90,12 +68,7 @@ def evit_reference(x: torch.Tensor, scores: torch.Tensor, keep_rate: float, *,
 
 def evit_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: Optional[torch.Tensor] = None,
                 num_prefix_tokens: int = 1, normalize: bool = False, backend: str = "auto") -> Merged:
-    """Keep the attentive tokens and fuse the inattentive ones into one token (EViT).
-
-    EViT (Liang et al., ICLR 2022), as in the module docstring: the ``K = ceil(keep_rate (N - p))``
-    most attended non-prefix tokens stay (ties: lower index), the others become one token
-    ``sum_i a_i x_i`` (``normalize=True``: divided by ``sum_i a_i``) whose size is the sum of theirs.
-    Output: prefix tokens, attentive tokens in their original order, the fused token.
+    """Keep the ``K = ceil(keep_rate (N - p))`` most attended tokens, fuse the others into one (EViT).
 
     Args:
         x: tokens ``[B, N, C]``, float32 / float16 / bfloat16, CPU or CUDA.
