@@ -10,6 +10,10 @@ merge at ToMe's ``r = 8`` and ``r = 13``), eager and with ``torch.compile``, the
   (Triton/C++: the matching's similarity) is not seen by the counter;
 * a row with the error, not a crash, where patching or compiling fails.
 
+Besides the library's methods, ``free`` (the token schedule with a reduction that costs nothing) and
+``eager-tome``/``eager-merge``/``eager-evit`` (the eager op chains) are variants, see
+:mod:`benchmarks.variants`; :mod:`benchmarks.overhead` times each method against them side by side.
+
 Defaults: CUDA: ViT-S/16, ViT-B/16, ViT-L/16 in bfloat16, batch 256; CPU: ViT-Ti/16 and ViT-S/16
 in float32, batch 16, ``torch.compile`` on the first model only (compiling is slow on few cores).
 Outputs: ``benchmarks/results/end_to_end_<device>_<timestamp>.{csv,md}`` and a throughput PNG.
@@ -106,6 +110,9 @@ def apply_variant(model: torch.nn.Module, method: Optional[str], kwargs: dict) -
         return model
     import fastprune.patch
 
+    from . import variants
+
+    variants.register()  # "free" and "eager-*" (benchmarks.variants) are variants too
     patched = fastprune.patch.timm(model, method=method, **kwargs)
     return model if patched is None else patched
 

@@ -56,14 +56,11 @@ if _early_dry_run():  # the interpreter must be chosen before triton is imported
 
 import torch  # noqa: E402
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, variants as bench_variants  # noqa: E402
 
 #: Time boxes in seconds (scaled to ``--budget``): env, correctness, C++ build, kernels, end to end.
 BOXES = {"env": 20, "correctness": 100, "cuda_ext": 100, "kernels": 110, "end_to_end": 150}
-#: ToMe r=13 on ViT-B/16 and the other methods at the same FLOPs (matched on ViT-Ti/DeiT-Ti by
-#: ``python -m fastprune.compare``; the same per-block keep rates apply to ViT-B/16's 197 tokens).
-MATCHED = [("tome", {"r": 13}), ("merge", {"r": 0.61, "schedule": "paper"}), ("evit", {"r": 0.62}),
-           ("bat", {"r": 0.62}), ("idle", {"r": 0.66, "reselect": False})]
+MATCHED = bench_variants.MATCHED
 
 
 class StepTimeout(TimeoutError):
@@ -375,31 +372,6 @@ def step_kernels(plan: Plan, copy_gbps: float, deadline: float) -> list:
 # step 4: end to end
 
 
-def _register_bench_methods() -> None:
-    """``free`` (keep the first N - r tokens: a reduction that costs nothing) and ``tome-eager``
-    (ToMe as its eager PyTorch op chain, sizes not tracked), for this process only."""
-    import fastprune.patch
-    from benchmarks import eager
-
-    if "free" in fastprune.patch.available_methods():
-        return
-
-    def slice_index(x, n_out):
-        return torch.arange(x.shape[1], device=x.device).clamp_max(n_out - 1).expand(x.shape[0], -1)
-
-    def free(x, ctx):
-        n_out = x.shape[1] - ctx.r
-        return x[:, :n_out], ctx.size[:, :n_out], slice_index(x, n_out)
-
-    def tome_eager(x, ctx):
-        n_out = x.shape[1] - ctx.r
-        return eager.tome_merge_eager(x, ctx.r, ctx.num_prefix_tokens), ctx.size[:, :n_out], slice_index(x, n_out)
-
-    fastprune.patch.register_method("free", free)
-    fastprune.patch.register_method("tome-eager", tome_eager,
-                                    max_r=lambda n, p: (n - p) // 2)
-
-
 def _tiny_vit(device, dtype):
     from timm.models.vision_transformer import VisionTransformer
 
@@ -411,7 +383,7 @@ def step_end_to_end(plan: Plan, deadline: float) -> list:
     import fastprune.patch
     from benchmarks import end_to_end as e2e
 
-    _register_bench_methods()
+    bench_variants.register()
     name = "tiny_vit_depth12" if plan.dry_run else "vit_base_patch16_224"
     build = (lambda n, d, t: _tiny_vit(d, t)) if plan.dry_run else e2e.build_model
     matched = [(m, dict(o, r=2) if (plan.dry_run and m == "tome") else o) for m, o in MATCHED]
@@ -423,7 +395,7 @@ def step_end_to_end(plan: Plan, deadline: float) -> list:
         r = fastprune.patch.reduction_schedule(probe, options["r"], method=method,
                                                **{k: v for k, v in options.items() if k != "r"})
         variants.append(("free", {"r": list(r), "label": f"free[{method}]"}))
-    variants.append(("tome-eager", {"r": matched[0][1]["r"]}))
+    variants.append(("eager-tome", {"r": matched[0][1]["r"]}))
     del probe
     rows = []
     original_build = e2e.build_model

@@ -172,3 +172,35 @@ def test_time_limit_interrupts_a_slow_call():
         pass
     time.sleep(0.01)
     assert not alarm["fired"]
+
+
+def test_overhead_rows_compare_each_method_with_its_free_variant(monkeypatch):
+    """The free variant keeps the method's token schedule; the profiler finds the reducer's range."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import fastprune.patch
+    from benchmarks import overhead, variants
+
+    def tiny(name, device, dtype):
+        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=12, num_heads=2, num_classes=10)
+        return model.eval().to(device=device, dtype=dtype)
+
+    monkeypatch.setattr(end_to_end, "build_model", tiny)
+    variants.register()
+    base = tiny("tiny", CPU, torch.float32)
+    for method, options in variants.MATCHED[:4]:
+        labels = dict(overhead._variants(base, method, options))
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            for model in labels.values():
+                model(x)
+        counts = {label: fastprune.patch.state(m).num_tokens for label, m in labels.items()}
+        assert counts["free"] == counts[method] and counts[method][-1] < 65, method
+        assert counts.get("eager", counts["free"]) == counts["free"], method
+    args = overhead.parse_args(["--model", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "2",
+                                "--profile-reps", "1", "--methods", "tome,evit", "--no-write"])
+    rows = overhead.run(args)
+    assert [r["method"] for r in rows] == ["tome", "evit"]
+    assert all(r["ms_free"] > 0 and 0 < r["reduce_share"] < 1 and "ms_eager" in r for r in rows)
+    with pytest.raises(ValueError, match="no reducer"):
+        variants.profiled("idle")
