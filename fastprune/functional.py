@@ -85,3 +85,40 @@ def merge(x: torch.Tensor, attn: torch.Tensor, r: int, **kwargs) -> torch.Tensor
     sizes and the position map.
     """
     return merge_tokens(x, attn, r, **kwargs).x
+
+
+def unmerge(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The full token grid back: every original position gets the token it was merged into.
+
+    ``out[b, i] = tokens[b, index[b, i]]``. ``index`` is a method's position map (``Merged.index``)
+    or a map composed over blocks (``index_prev.gather(1, index)``; a patched model's
+    ``fastprune.patch.state(model).index``), so ``O(N)`` memory, never an ``N x N`` matrix.
+    Differentiable in ``tokens`` (a token's gradient is the sum over the positions it fills).
+
+    Args:
+        tokens: ``[B, N', C]`` reduced tokens, float32 / float16 / bfloat16.
+        index: ``[B, N0]`` int64 positions in ``[0, N')``, on ``tokens``' device.
+
+    Returns:
+        ``[B, N0, C]`` in ``tokens``' dtype.
+
+    Raises:
+        TypeError: ``tokens`` or ``index`` not tensors, ``index`` not int64, unsupported dtype.
+        ValueError: wrong ranks, batch mismatch, different devices, an entry outside ``[0, N')``
+            (checked asynchronously on CUDA).
+    """
+    _checks.check_tokens(tokens, "tokens")
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.int64:
+        raise TypeError(f"index must be an int64 tensor [B, N0], got "
+                        f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
+    if index.dim() != 2 or index.shape[0] != tokens.shape[0]:
+        raise ValueError(f"index must have shape [B, N0] with B={tokens.shape[0]}, got {tuple(index.shape)}")
+    _checks.check_same_device(tokens, index, "index")
+    n = tokens.shape[1]
+    ok = ((index >= 0) & (index < n)).all()
+    if index.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok, f"index entries must be in [0, {n})")
+    elif not bool(ok):
+        raise ValueError(f"index entries must be in [0, {n}) (the tokens' N), got min {int(index.min())}, "
+                         f"max {int(index.max())}")
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[2]))

@@ -20,7 +20,7 @@ LAYERS = (
                  "fastprune.idle_loss", "fastprune")),
     ("integrations", ("fastprune.patch", "fastprune.patch.*")),
     ("evaluation", ("fastprune.evaluation", "fastprune.evaluation.*")),
-    ("command line", ("fastprune.evaluate", "fastprune.compare")),
+    ("command line", ("fastprune.evaluate", "fastprune.compare", "fastprune.calibrate", "fastprune.visualize")),
 )
 MAX_LINES = 500
 #: Files over MAX_LINES, with the reason they are allowed for now.
