@@ -23,6 +23,8 @@ from ..schedules import MSTM_PAPER_KEEP_RATE, MSTM_PAPER_LAYERS, RSpec
 from .methods import MERGE_SCHEDULES, METRICS as MERGE_METRICS, register_builtin_methods as _register_builtin_methods
 from .registry import (_METHODS, COMMON_OPTIONS, BlockForward, BlockR, Method, Reducer, ReductionContext,
                        ScheduleContext, available_methods, register_method)
+from . import hf
+from .hf import transformers
 from .vit import (MIN_TIMM_VERSION, SUPPORTED_POOLS, PatchState, _PatchedBlock, _PatchedVisionTransformer,
                   is_patched, reduction_schedule, revert, state, timm)
 
@@ -30,6 +32,7 @@ __all__ = [
     "timm", "revert", "state", "is_patched", "reduction_schedule", "register_method", "available_methods",
     "attention_forward", "AttentionOutput", "ReductionContext", "ScheduleContext", "Method", "PatchState",
     "NEEDS", "COMMON_OPTIONS", "RSpec",
+    "transformers", "hf",
 ]
 
 _register_builtin_methods()
