@@ -1,0 +1,202 @@
+"""Top-k selection, the primitive under MSTM, EViT, BAT and IdleViT: Triton device functions, a launchable
+kernel and its launcher.
+
+Semantics (:func:`fastprune.reference.topk_keep_mask`): per image, keep the prefix tokens and the ``K``
+non-prefix tokens with the largest score; ties go to the lower index. NaN scores rank above every
+number (as ``torch.sort`` puts them first), or, with ``NAN_LAST``, count as ``-inf`` (IdleViT's rule);
+``-0.0 == +0.0``. Kept tokens get consecutive output slots in token order.
+
+No sort and no host synchronisation: :func:`order_keys` maps each float32 score to an int32 key with
+the same order, :func:`kth_largest` finds the ``K``-th largest key by a bitwise search (32 row
+reductions), and the ties at that key are resolved by a cumsum in token order (:func:`topk_mask`).
+The selection runs once per image: one program holds the image's whole score row in registers.
+
+Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
+:func:`kth_largest`, :func:`topk_mask` (a register vector of keys) and :func:`topk_row` (a score row in
+memory). Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import check_triton_device
+from .aot import KernelSpec, register
+
+__all__ = ["TopK", "select_topk_triton", "select_config", "MAX_TOKENS"]
+
+#: Most tokens per image the launcher takes (the whole score row lives in one program's registers).
+MAX_TOKENS = 16384
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device functions
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def order_keys(values, member, NAN_LAST: tl.constexpr):
+    """int32 keys that order like the float32 ``values``: ``a > b`` iff ``key(a) > key(b)``.
+
+    The float32 bit pattern, with the 31 low bits flipped for negative numbers (two's complement
+    order then matches float order). ``-0.0`` becomes ``+0.0``; every NaN gets one key above ``+inf``
+    (``NAN_LAST``: the key of ``-inf``). Entries outside ``member`` get ``INT32_MIN``, below every
+    member's key.
+    """
+    v = values.to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, v)
+    if NAN_LAST:
+        v = tl.where(v != v, float("-inf"), v)
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    if not NAN_LAST:
+        key = tl.where(v != v, 0x7FFFFFFF, key)
+    return tl.where(member, key, -2147483648)
+
+
+@triton.jit
+def kth_largest(keys, K):
+    """The ``K``-th largest of the int32 ``keys``, counted with multiplicity (``K >= 1``; ``K == 0`` gives
+    ``INT32_MAX``). The largest ``T`` with ``#{keys >= T} >= K``, built bit by bit from the sign bit
+    down: 32 row reductions, no sort."""
+    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
+    thresh = tl.where(n_nonneg >= K, 0, -2147483648)
+    bit = thresh * 0 + 0x40000000
+    for _ in range(31):
+        cand = thresh | bit
+        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        thresh = tl.where(count >= K, cand, thresh)
+        bit = bit >> 1
+    return thresh
+
+
+@triton.jit
+def topk_mask(keys, K):
+    """Top-``K`` mask of a register vector of keys in token order (from :func:`order_keys`): the keys
+    above the ``K``-th largest, then the lowest-index ties at it. ``K`` must not exceed the members."""
+    thresh = kth_largest(keys, K)
+    above = keys > thresh
+    tie = keys == thresh
+    quota = K - tl.sum(above.to(tl.int32), axis=0)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= quota))
+
+
+@triton.jit
+def topk_row(score_row, stride_sn, N, P, K, NAN_LAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep mask over ``tl.arange(0, BLOCK_N)`` (``BLOCK_N >= N``) of one image's score row in memory:
+    the ``P`` prefix tokens and the top ``K`` of the others (``K <= N - P``). Reads ``N`` floats once."""
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    s = tl.load(score_row + offs * stride_sn, mask=valid, other=0.0)
+    keep = topk_mask(order_keys(s, valid & (offs >= P), NAN_LAST), K)
+    return keep | (valid & (offs < P))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _select_topk_kernel(
+        scores_ptr, stride_sb, stride_sn,
+        slot_ptr, kept_ptr, rest_ptr,
+        N, P, K, DROP_SLOT,
+        NAN_LAST: tl.constexpr, WRITE_KEPT: tl.constexpr, WRITE_REST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Top-k selection of one image ``b`` (grid ``(B,)``).
+
+    Writes ``slot[b, n]`` (``[B, N]`` int64): the output slot of a kept token (prefix included, in
+    token order), ``DROP_SLOT`` for the others; with ``WRITE_KEPT``, ``kept[b, s]`` (``[B, P + K]``):
+    the position of slot ``s``; with ``WRITE_REST``, ``rest[b, t]`` (``[B, N - P - K]``): the dropped
+    positions, ascending. Memory traffic: ``4 N`` bytes read, ``8 N`` (+ ``8 N``) written.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, BLOCK_N)
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(slot_ptr + pid_b * N + offs, tl.where(keep, slot, DROP_SLOT).to(tl.int64), mask=valid)
+    if WRITE_KEPT:
+        tl.store(kept_ptr + pid_b * (P + K) + slot, offs.to(tl.int64), mask=keep)
+    if WRITE_REST:
+        rest = valid & (keep == 0)
+        tl.store(rest_ptr + pid_b * (N - P - K) + offs - slot - 1, offs.to(tl.int64), mask=rest)
+
+
+def select_config(N: int) -> tuple[dict, int]:
+    """``(BLOCK_N, num_warps)`` for ``N`` tokens: the whole row in one program, 4 to 16 warps."""
+    block_n = max(16, triton.next_power_of_2(N))
+    return dict(BLOCK_N=block_n), (4 if block_n <= 1024 else 8 if block_n <= 4096 else 16)
+
+
+class TopK(NamedTuple):
+    """Result of :func:`select_topk_triton` (int64): ``slot [B, N]``, ``kept [B, p + k]`` or None,
+    ``rest [B, N - p - k]`` or None."""
+
+    slot: torch.Tensor
+    kept: Optional[torch.Tensor]
+    rest: Optional[torch.Tensor]
+
+
+def select_topk_triton(scores: torch.Tensor, k: int, num_prefix_tokens: int, *, nan_last: bool = False,
+                       drop_slot: int = -1, kept: bool = True, rest: bool = False) -> TopK:
+    """Top-k selection per image, one launch (grid ``(B,)``).
+
+    Args:
+        scores: ``[B, N]`` scores (prefix columns ignored), read as float32, any strides; CUDA (or CPU
+            under ``TRITON_INTERPRET=1``). ``N <= MAX_TOKENS``.
+        k: non-prefix tokens kept, ``0 <= k <= N - p``.
+        num_prefix_tokens: ``p``, always kept.
+        nan_last: NaN scores count as ``-inf`` (IdleViT) instead of ranking first (``torch.sort``).
+        drop_slot: value of ``slot`` for dropped tokens (EViT: ``p + k``, its fused token).
+        kept: also return the kept positions; rest: also return the dropped positions.
+
+    Returns:
+        :class:`TopK` ``(slot, kept, rest)``: the kept tokens' output slots (``drop_slot`` elsewhere),
+        the position of every slot, the dropped non-prefix positions (ascending).
+
+    Raises:
+        ValueError: ``k``, ``num_prefix_tokens`` or ``N`` out of range; not on CUDA while the
+            interpreter is off.
+    """
+    check_triton_device(scores)
+    B, N = scores.shape
+    p = int(num_prefix_tokens)
+    if not 0 <= p <= N or not 0 <= k <= N - p:
+        raise ValueError(f"need 0 <= num_prefix_tokens <= N and 0 <= k <= N - p (N={N}), got p={p}, k={k}")
+    if N > MAX_TOKENS:
+        raise ValueError(f"select_topk_triton takes at most {MAX_TOKENS} tokens per image, got {N}")
+    scores = scores if scores.dtype == torch.float32 else scores.float()
+    slot = torch.empty(B, N, dtype=torch.int64, device=scores.device)
+    kept_t = torch.empty(B, p + k, dtype=torch.int64, device=scores.device) if kept else None
+    rest_t = torch.empty(B, N - p - k, dtype=torch.int64, device=scores.device) if rest else None
+    consts, num_warps = select_config(N)
+    _select_topk_kernel[(B,)](
+        scores, scores.stride(0), scores.stride(1), slot, slot if kept_t is None else kept_t,
+        slot if rest_t is None else rest_t, N, p, int(k), int(drop_slot),
+        NAN_LAST=bool(nan_last), WRITE_KEPT=kept, WRITE_REST=rest, **consts, num_warps=num_warps)
+    return TopK(slot, kept_t, rest_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (see kernels/aot.py)
+# ----------------------------------------------------------------------------------------------------
+def select_spec(name: str, N: int, nan_last: bool, write_kept: bool, write_rest: bool) -> KernelSpec:
+    """The spec of one launch configuration of :func:`_select_topk_kernel` (also used by the methods'
+    files for the configuration they launch)."""
+    consts, warps = select_config(N)
+    return KernelSpec(
+        name, _select_topk_kernel,
+        dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32", slot_ptr="*i64", kept_ptr="*i64",
+             rest_ptr="*i64", N="i32", P="i32", K="i32", DROP_SLOT="i32"),
+        dict(consts, NAN_LAST=nan_last, WRITE_KEPT=write_kept, WRITE_REST=write_rest), warps)
+
+
+def _aot_specs() -> list[KernelSpec]:
+    """ViT/16 at 224 px (N = 197) and 384 px (577), and each warp-count branch up to MAX_TOKENS."""
+    return [select_spec(f"select_topk[N={N},{'nan_last' if nan_last else 'nan_first'}]", N, nan_last,
+                        True, rest)
+            for N, nan_last, rest in ((197, False, True), (197, True, False), (577, False, True),
+                                      (4097, False, False), (MAX_TOKENS, True, True))]
+
+
+register(_aot_specs)

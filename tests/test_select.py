@@ -1,0 +1,134 @@
+"""The top-k selection primitive (kernels/select.py) against the reference and a brute-force rule.
+
+Kernels run through the Triton interpreter on CPU (or compiled on CUDA). The rule: prefix tokens are
+always kept, then the ``k`` largest other scores, ties to the lower index; NaN ranks first (as
+``torch.sort``), or counts as ``-inf`` with ``nan_last``; ``-0.0 == +0.0``. Random cases draw scores
+from a few distinct values, so ties are everywhere.
+"""
+import math
+import random
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import DEVICE
+from fastprune.kernels import aot
+from fastprune.kernels.select import MAX_TOKENS, order_keys, select_topk_triton, topk_mask
+from fastprune.reference import output_slots, topk_keep_mask
+
+
+def brute_force_keep(scores, k, p, nan_last=False):
+    """Kept positions of one image by sorting ``(rank value, index)`` pairs in Python."""
+    def rank(j):
+        v = float(scores[j])
+        if math.isnan(v):
+            return (1, math.inf, j) if nan_last else (0, 0.0, j)  # as -inf, or above every number
+        return (1, -v, j)
+
+    return sorted(list(range(p)) + sorted(range(p, len(scores)), key=rank)[:k])
+
+
+def reference_slots(scores, k, p, nan_last=False, drop_slot=-1):
+    s = torch.where(scores.isnan(), float("-inf"), scores) if nan_last else scores
+    keep = topk_keep_mask(s, k, p)
+    return keep, torch.where(keep, output_slots(keep), drop_slot)
+
+
+def check(scores, k, p, nan_last=False, drop_slot=-1):
+    got = select_topk_triton(scores, k, p, nan_last=nan_last, drop_slot=drop_slot, rest=True)
+    keep, slot = reference_slots(scores.float(), k, p, nan_last, drop_slot)
+    assert got.slot.dtype == torch.int64 and torch.equal(got.slot, slot)
+    for b in range(scores.shape[0]):
+        kept = brute_force_keep(scores[b].tolist(), k, p, nan_last)
+        assert got.kept[b].tolist() == kept
+        assert got.rest[b].tolist() == [j for j in range(scores.shape[1]) if j not in set(kept)]
+    return got
+
+
+@pytest.mark.parametrize("B,N,p,k", [
+    (1, 1, 0, 1), (1, 1, 1, 0), (2, 7, 1, 3), (2, 9, 0, 4), (2, 6, 1, 0), (1, 5, 1, 4), (3, 20, 2, 1),
+    (2, 70, 1, 33), (1, 197, 1, 137), (1, 197, 1, 196), (2, 16, 16, 0), (1, 33, 5, 28),
+])
+@pytest.mark.parametrize("nan_last", [False, True])
+def test_matches_reference_with_ties_and_nan(B, N, p, k, nan_last):
+    scores = torch.randn(B, N, device=DEVICE).round(decimals=1)
+    scores[0, -1] = float("nan")
+    scores[-1, N // 2] = -float("nan")
+    check(scores, k, p, nan_last, drop_slot=p + k if nan_last else -1)
+
+
+def test_special_values():
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[9.0, -0.0, 0.0, -inf, inf, nan, -nan, 1e-45, -1e-45, 3.4e38, -3.4e38, 0.0]],
+                          device=DEVICE)
+    for k in range(0, 12):
+        for nan_last in (False, True):
+            check(scores, k, 1, nan_last)
+    got = select_topk_triton(scores, 4, 1)  # the two NaNs first, then inf, then 3.4e38
+    assert got.kept[0].tolist() == [0, 4, 5, 6, 9]
+
+
+def test_all_equal_scores_keep_the_lowest_indices():
+    scores = torch.full((2, 40), 0.25, device=DEVICE)
+    got = check(scores, 11, 3)
+    assert got.kept[0].tolist() == list(range(14))
+
+
+def test_random_cases():
+    rng = random.Random(0)
+    for _ in range(40):
+        N = rng.choice([2, 3, 8, 17, 64, 100, 257])
+        p = rng.randint(0, min(3, N))
+        k = rng.randint(0, N - p)
+        values = [rng.choice([-1.5, -0.0, 0.0, 0.5, 2.0, float("inf"), float("nan")]) for _ in range(3)]
+        scores = torch.tensor([[rng.choice(values) + (rng.random() if rng.random() < 0.3 else 0.0)
+                                for _ in range(N)] for _ in range(2)], device=DEVICE)
+        check(scores, k, p, nan_last=rng.random() < 0.5)
+
+
+def test_largest_row_strided_and_half_scores():
+    scores = torch.randn(1, MAX_TOKENS, device=DEVICE).round(decimals=2)
+    check(scores, 5000, 1)
+    wide = torch.randn(3, 50, device=DEVICE).half().round(decimals=1)[:, ::2]  # fp16, stride 2
+    check(wide, 10, 1)
+
+
+@pytest.mark.parametrize("k,p,N", [(-1, 1, 8), (8, 1, 8), (0, 9, 8), (1, 1, MAX_TOKENS + 1)])
+def test_bad_arguments_raise(k, p, N):
+    with pytest.raises(ValueError):
+        select_topk_triton(torch.zeros(1, N, device=DEVICE), k, p)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The device functions, called from another kernel the way a method's kernel calls them
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _members_topk_kernel(values_ptr, out_ptr, N, K, NAN_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """Top-K among the even positions (ToMe's set A), over one register vector."""
+    offs = tl.arange(0, BLOCK)
+    valid = offs < N
+    v = tl.load(values_ptr + offs, mask=valid, other=0.0)
+    keep = topk_mask(order_keys(v, valid & (offs % 2 == 0), NAN_LAST), K)
+    tl.store(out_ptr + offs, keep.to(tl.int8), mask=valid)
+
+
+@pytest.mark.parametrize("nan_last", [False, True])
+def test_device_functions_with_a_member_mask(nan_last):
+    rng = random.Random(1)
+    for N in (5, 16, 37):
+        values = torch.tensor([rng.choice([0.0, 1.0, -2.0, float("nan")]) for _ in range(N)], device=DEVICE)
+        members = list(range(0, N, 2))
+        for K in range(0, len(members) + 1):
+            out = torch.empty(N, dtype=torch.int8, device=DEVICE)
+            _members_topk_kernel[(1,)](values, out, N, K, NAN_LAST=nan_last, BLOCK=triton.next_power_of_2(N))
+            sub = values[members]
+            want = [members[i] for i in brute_force_keep(sub.tolist(), K, 0, nan_last)]
+            assert out.nonzero().flatten().tolist() == want
+
+
+def test_registered_for_ahead_of_time_compilation():
+    names = [s.name for s in aot.registered_specs()]
+    assert any(n.startswith("select_topk[N=197,nan_first]") for n in names)
+    assert any(n.startswith(f"select_topk[N={MAX_TOKENS},") for n in names)
