@@ -90,7 +90,7 @@ def _extensions():
     ext_modules = [
         cpp_extension.CppExtension(
             "fastprune._C",
-            sources=[f"{CSRC}/ops.cpp", f"{CSRC}/merge_cpu.cpp"],
+            sources=[f"{CSRC}/ops.cpp", f"{CSRC}/merge_cpu.cpp", f"{CSRC}/tome_cpu.cpp", f"{CSRC}/bat_cpu.cpp"],
             include_dirs=[os.path.join(HERE, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],

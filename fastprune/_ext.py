@@ -10,13 +10,24 @@ Importing this module never fails: if the extension was not built (see ``setup.p
 * autograd (:func:`torch.library.register_autograd`) for the functional operators, so gradients
   flow through them and ``torch.compile`` sees through them.
 
-Operators (``x`` tokens ``[B, N, C]``; scores/size in x's compute dtype, float32, or float64 for
-float64 ``x``):
+Operators (``x`` tokens ``[B, N, C]``; scores/size/weights in x's compute dtype, float32, or
+float64 for float64 ``x``; ``index`` ``[B, N]`` int64, the output token of every input token):
 
 * ``mstm_merge(x, scores, size?, metric?, r, num_prefix_tokens, weight) -> (x', size', index)``:
-  MSTM merging (Bian et al., 2023), exactly :func:`fastprune.reference.mstm_merge`.
+  MSTM merging (Bian et al., 2023), exactly :func:`fastprune.reference.mstm_merge`; CPU and CUDA.
 * ``mstm_merge_backward(grad_x', grad_size', x, scores, size?, index, weight)
   -> (grad_x, grad_scores, grad_size)``.
+* ``weighted_merge(x, w, size, index, n_out) -> (x', size')``: the weighted merge of every method,
+  :func:`fastprune.reference.weighted_merge`; CPU and CUDA. ``weighted_merge_backward(grad_x',
+  grad_size', x, w, index) -> (grad_x, grad_w, grad_size)``.
+* ``tome_match(metric, r, num_prefix_tokens) -> index``: ToMe's bipartite soft matching,
+  :func:`fastprune.tome.bipartite_soft_matching`'s index map; CPU.
+* ``bat_index(scores, metric, K, r, c, k, num_prefix_tokens) -> index``: BAT's decoupling,
+  matching and clustering, :func:`fastprune.bat.bat_index`; CPU.
+
+ToMe and BAT on the C++ path are the index operator followed by ``weighted_merge``; their
+gradients come from ``weighted_merge_backward`` (C++) and, for BAT's weights ``size x max(a, eps)``,
+from PyTorch's autograd of that product.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from typing import Optional
 import torch
 
 from . import _checks
-from .reference import MERGE_WEIGHTS, Merged, compute_dtype
+from .reference import MERGE_WEIGHTS, BATCounts, Merged, compute_dtype, merge_weights
 
 _LOAD_ERROR: Optional[str] = None
 _CUDA_LOAD_ERROR: Optional[str] = None
@@ -122,12 +133,50 @@ def _backward_mstm_merge(ctx, grad_x, grad_size, grad_index):
             gsize if ctx.has_size and needs[2] else None, None, None, None, None)
 
 
+def _fake_weighted_merge(x, w, size, index, n_out):
+    torch._check(1 <= n_out)
+    torch._check(n_out <= x.shape[1])
+    return x.new_empty(x.shape[0], n_out, x.shape[2]), w.new_empty(x.shape[0], n_out)
+
+
+def _fake_weighted_merge_backward(grad_x, grad_size, x, w, index):
+    return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+
+
+def _fake_index(t, *args):
+    return t.new_empty(t.shape[:2], dtype=torch.int64)
+
+
+def _setup_weighted_merge(ctx, inputs, output):
+    x, w, size, index, n_out = inputs
+    ctx.save_for_backward(x, w, index)
+    ctx.n_out = n_out
+
+
+def _backward_weighted_merge(ctx, grad_x, grad_size):
+    x, w, index = ctx.saved_tensors
+    if grad_x is None:
+        grad_x = x.new_zeros(x.shape[0], ctx.n_out, x.shape[2])
+    if grad_size is None:
+        grad_size = w.new_zeros(w.shape[0], ctx.n_out)
+    gx, gw, gsize = torch.ops.fastprune.weighted_merge_backward(
+        grad_x.contiguous(), grad_size.contiguous(), x, w, index)
+    needs = ctx.needs_input_grad
+    return gx if needs[0] else None, gw if needs[1] else None, gsize if needs[2] else None, None, None
+
+
 def _register() -> None:
     lib = "fastprune::"
     torch.library.register_fake(lib + "mstm_merge", _fake_mstm_merge)
     torch.library.register_fake(lib + "mstm_merge_backward", _fake_mstm_merge_backward)
+    torch.library.register_fake(lib + "weighted_merge", _fake_weighted_merge)
+    torch.library.register_fake(lib + "weighted_merge_backward", _fake_weighted_merge_backward)
+    torch.library.register_fake(lib + "tome_match", _fake_index)
+    torch.library.register_fake(lib + "bat_index", _fake_index)
     torch.library.register_autograd(lib + "mstm_merge", _backward_mstm_merge,
                                     setup_context=_setup_mstm_merge)
+    torch.library.register_autograd(lib + "weighted_merge", _backward_weighted_merge,
+                                    setup_context=_setup_weighted_merge)
 
 
 if _C is not None:
@@ -205,3 +254,69 @@ def mstm_merge_cpp(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optional
     _require(cuda=x.is_cuda)
     out, size_out, index = torch.ops.fastprune.mstm_merge(x, scores, size, metric, r, p, weight)
     return Merged(out, size_out, index)
+
+
+def weighted_merge_cpp(x: torch.Tensor, w: torch.Tensor, size: torch.Tensor, index: torch.Tensor,
+                       n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted merge ``x'_d = sum_{i -> d} (w_i / W_d) x_i``, ``W_d = sum_{i -> d} w_i``, sizes
+    add: :func:`fastprune.reference.weighted_merge` by the compiled kernels (C++ on CPU, CUDA C++ on
+    CUDA), bit-identical to it on CPU. Differentiable w.r.t. ``x``, ``w`` and ``size``.
+
+    Args:
+        x: ``[B, N, C]`` float32 / float16 / bfloat16 / float64.
+        w, size: ``[B, N]`` weights and sizes (cast to x's compute dtype: float32, float64 for float64).
+        index: ``[B, N]`` int64, the output token of every input token, in ``[0, n_out)``.
+        n_out: output tokens, ``1 <= n_out <= N``.
+
+    Returns:
+        ``(x' [B, n_out, C] in x's dtype, size' [B, n_out] in the compute dtype)``.
+
+    Raises:
+        TypeError / ValueError: bad dtypes, shapes, devices or index values (from the operator).
+        RuntimeError: the extension (for CUDA tensors: the CUDA extension) is not built.
+    """
+    _require(cuda=x.is_cuda)
+    acc = compute_dtype(x)
+    return torch.ops.fastprune.weighted_merge(x, w.to(acc), size.to(acc), index, n_out)
+
+
+def tome_merge_cpp(x: torch.Tensor, r: int, size: Optional[torch.Tensor] = None,
+                   metric: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1) -> Merged:
+    """ToMe's merge on CPU tensors: ``tome_match`` (C++ bipartite soft matching) then ``weighted_merge``
+    with ``w = size``; equal to :func:`fastprune.tome.tome_merge_reference` (index map bit for bit,
+    tokens and sizes too). Arguments as validated and clipped by :func:`fastprune.tome.tome_merge_tokens`
+    (``0 <= r <= (N - p) // 2``); the operators check them again. Returns :class:`~fastprune.Merged`
+    with sizes in x's compute dtype.
+    """
+    _require()
+    B, N, _ = x.shape
+    acc = compute_dtype(x)
+    size = torch.ones(B, N, dtype=acc, device=x.device) if size is None else size.to(acc)
+    metric = x if metric is None else metric
+    index = torch.ops.fastprune.tome_match(metric.detach(), r, num_prefix_tokens)
+    out, size_out = torch.ops.fastprune.weighted_merge(x, size, size, index, N - r)
+    return Merged(out, size_out, index)
+
+
+def bat_merge_cpp(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts,
+                  size: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
+                  num_prefix_tokens: int = 1) -> Merged:
+    """BAT's reduction on CPU tensors: ``bat_index`` (C++ decoupling, matching, DPC-kNN) then
+    ``weighted_merge`` with ``w = size x max(scores, WEIGHT_EPS)``; equal to
+    :func:`fastprune.bat.bat_reference` (index map bit for bit, tokens and sizes too). Arguments as
+    validated by :func:`fastprune.bat.bat_tokens`, ``counts`` from :func:`fastprune.bat.bat_plan`
+    with ``r + c > 0``. Gradients reach ``x`` and ``scores`` (and ``size``).
+    """
+    _require()
+    B, N, _ = x.shape
+    acc = compute_dtype(x)
+    size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size is None else size
+    metric = x if metric is None else metric
+    ranked = scores.detach()
+    ranked = ranked if ranked.dtype in (torch.float32, torch.float64) else ranked.float()
+    index = torch.ops.fastprune.bat_index(ranked, metric.detach(), *counts, num_prefix_tokens)
+    size_acc = size.to(acc)
+    w = merge_weights(scores.to(acc), size_acc, "size_attn")
+    out, size_out = torch.ops.fastprune.weighted_merge(x, w, size_acc, index,
+                                                       counts.output_tokens(num_prefix_tokens))
+    return Merged(out, size_out.to(size.dtype), index)

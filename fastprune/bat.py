@@ -16,8 +16,9 @@ Output: prefix tokens, the ``K - r`` remaining attentive tokens in their origina
 cluster tokens in the original order of their centres: ``p + K - r + c`` tokens.
 
 This module holds the PyTorch reference (:func:`bat_reference`, the specification the kernels are
-tested against and the CPU path; one function per step of the paper) and the public functional API
-(:func:`bat_tokens`, :func:`bat`). The fused Triton kernels live in ``kernels/bat.py``.
+tested against; one function per step of the paper) and the public functional API
+(:func:`bat_tokens`, :func:`bat`). The fused Triton kernels live in ``kernels/bat.py``, the C++ CPU
+kernels in ``csrc/bat_cpu.cpp`` (then the shared weighted merge).
 
 Choices (the paper leaves them open):
 
@@ -49,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, backends
+from . import _checks, _ext, backends
 from .reference import (COSINE_EPS, BATCounts, Merged, compute_dtype, merge_weights, topk_keep_mask,
                         true_positions, weighted_merge)
 from .schedules import DEFAULT_KEEP_RATE, DEFAULT_LAYERS, check_keep_rate, kept_count
@@ -58,7 +59,7 @@ __all__ = ["bat_tokens", "bat", "bat_reference", "bat_plan", "bat_index", "BATCo
            "attentive_token_matching", "dpc_knn", "DEFAULT_KEEP_RATE", "DEFAULT_LAYERS",
            "DEFAULT_NUM_CLUSTERS", "DEFAULT_KNN", "BACKENDS"]
 
-BACKENDS = backends.TRITON_BACKENDS
+BACKENDS = backends.CPU_CPP_BACKENDS
 #: Clusters of inattentive tokens per reduction layer **(choice)**; matched pairs default to one less.
 DEFAULT_NUM_CLUSTERS = 10
 #: Neighbours in DPC-kNN's density (TCFormer's default).
@@ -248,8 +249,10 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
         num_pairs: ``r >= 0``, attentive tokens merged into a partner; clipped to ``K // 2``.
             Default ``c - 1`` (after clipping ``c``), giving EViT's token count ``p + K + 1``.
         k: ``k >= 1`` nearest neighbours for the density; clipped to ``N - p - K - 1``.
-        backend: ``"auto"`` (Triton kernels on CUDA, the PyTorch reference on CPU), ``"triton"`` (also
-            on CPU tensors under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backend: ``"auto"`` (Triton kernels on CUDA; on CPU the C++ kernels when the extension is
+            built, else the reference), ``"triton"`` (also on CPU tensors under
+            ``TRITON_INTERPRET=1``), ``"cpp"`` (C++, CPU tensors; same results as the reference, bit
+            for bit) or ``"reference"``.
 
     Returns:
         :class:`~fastprune.Merged` ``(x, size, index)``: tokens ``[B, p + K - r + c, C]`` in x's dtype
@@ -263,7 +266,8 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
             not ints.
         ValueError: wrong ranks or shapes, tensors on different devices, ``keep_rate`` outside
             ``(0, 1]``, ``num_prefix_tokens`` out of range, ``num_clusters < 1``, ``num_pairs < 0``,
-            ``k < 1``, unknown ``backend``.
+            ``k < 1``, unknown ``backend``, ``backend="cpp"`` with CUDA tensors.
+        RuntimeError: ``backend="cpp"`` when the C++ extension is not built.
     """
     p, scores, size = _checks.check_attention_inputs(x, attn, size, num_prefix_tokens)
     B, N, _ = x.shape
@@ -283,6 +287,8 @@ def bat_tokens(x: torch.Tensor, attn: torch.Tensor, keep_rate: float, *, size: O
         from .kernels.bat import bat_triton
 
         return bat_triton(x, scores, counts, size=size, metric=metric, num_prefix_tokens=p)
+    if backend == "cpp":
+        return _ext.bat_merge_cpp(x, scores, counts, size=size, metric=metric, num_prefix_tokens=p)
     return bat_reference(x, scores, keep_rate, size=size, metric=metric, num_prefix_tokens=p,
                          num_clusters=num_clusters, num_pairs=num_pairs, k=k)
 

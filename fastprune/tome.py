@@ -11,9 +11,10 @@ the attention residual and the MLP, ToMe removes ``r`` tokens:
    (size-weighted average; several A tokens may land on one B token); sizes add up;
 5. output: the unmerged A tokens in their original order (class token first), then all B tokens.
 
-This module holds the PyTorch reference (the specification, and the CPU path) and the functional API
-:func:`tome_merge_tokens` / :func:`tome_merge` with input checks and backend dispatch (the fused
-Triton kernels of :mod:`fastprune.kernels.tome` on CUDA). The schedules are in
+This module holds the PyTorch reference (the specification) and the functional API
+:func:`tome_merge_tokens` / :func:`tome_merge` with input checks and backend dispatch: the fused
+Triton kernels of :mod:`fastprune.kernels.tome` on CUDA, the C++ kernels (``csrc/tome_cpu.cpp``, then
+the shared weighted merge) on CPU. The schedules are in
 :mod:`fastprune.schedules` (:func:`tome_schedule`, re-exported here).
 
 Choices (where the description leaves room, or where the published algorithm is generalised):
@@ -45,7 +46,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _checks, backends
+from . import _checks, _ext, backends
 from .reference import COSINE_EPS, Merged, compute_dtype, weighted_merge
 from .schedules import TOME_SCHEDULES as SCHEDULES, check_count, tome_schedule
 
@@ -54,7 +55,7 @@ __all__ = [
     "tome_merge", "clip_r", "tome_schedule", "tome_token_counts", "SCHEDULES", "BACKENDS",
 ]
 
-BACKENDS = backends.TRITON_BACKENDS
+BACKENDS = backends.CPU_CPP_BACKENDS
 
 
 class Matching(NamedTuple):
@@ -182,8 +183,10 @@ def tome_merge_tokens(x: torch.Tensor, r: int, *, metric: Optional[torch.Tensor]
         size: ``[B, N]`` or ``[B, N, 1]`` token sizes (patches per token, positive); ones if None.
         num_prefix_tokens: ``p``, leading tokens never merged (class, distillation, registers),
             ``0 <= p <= N - 1``.
-        backend: ``"auto"`` (Triton kernels on CUDA, the PyTorch reference on CPU), ``"triton"``
-            (the kernels; on CPU tensors only under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backend: ``"auto"`` (Triton kernels on CUDA; on CPU the C++ kernels when the extension is
+            built, else the reference), ``"triton"`` (on CPU tensors only under
+            ``TRITON_INTERPRET=1``), ``"cpp"`` (C++, CPU tensors; same results as the reference, bit
+            for bit) or ``"reference"``.
 
     Returns:
         :class:`~fastprune.Merged` ``(x, size, index)``: merged tokens ``[B, N - r, C]`` in x's dtype
@@ -195,7 +198,9 @@ def tome_merge_tokens(x: torch.Tensor, r: int, *, metric: Optional[torch.Tensor]
         TypeError: ``x``/``metric``/``size`` not tensors or of an unsupported dtype, ``r`` or
             ``num_prefix_tokens`` not ints.
         ValueError: wrong ranks, B/N mismatch between ``x`` and ``metric``/``size``, ``r < 0``,
-            ``num_prefix_tokens`` out of range, tensors on different devices, unknown ``backend``.
+            ``num_prefix_tokens`` out of range, tensors on different devices, unknown ``backend``,
+            ``backend="cpp"`` with CUDA tensors.
+        RuntimeError: ``backend="cpp"`` when the C++ extension is not built.
     """
     _checks.check_tokens(x)
     B, N, _ = x.shape
@@ -214,7 +219,10 @@ def tome_merge_tokens(x: torch.Tensor, r: int, *, metric: Optional[torch.Tensor]
         from .kernels.tome import tome_merge_triton
 
         return tome_merge_triton(x, r, metric=metric, size=size, num_prefix_tokens=p)
-    out = tome_merge_reference(x, r, size=size, metric=metric, num_prefix_tokens=p)
+    if backend == "cpp":
+        out = _ext.tome_merge_cpp(x, r, size=size, metric=metric, num_prefix_tokens=p)
+    else:
+        out = tome_merge_reference(x, r, size=size, metric=metric, num_prefix_tokens=p)
     return Merged(out.x, out.size.float(), out.index)
 
 

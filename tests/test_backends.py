@@ -17,11 +17,23 @@ def test_methods_without_compiled_kernels_refuse_cpp_and_cuda(backend):
     with pytest.raises(ValueError, match="backend must be one of"):
         evit.evit_tokens(x, a, 0.5, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
-        bat.bat_tokens(x, a, 0.5, backend=backend)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        tome.tome_merge_tokens(x, 2, backend=backend)
-    with pytest.raises(ValueError, match="backend must be one of"):
         idle.select_tokens(a, 3, backend=backend)
+
+
+def test_tome_and_bat_have_cpp_on_cpu_only():
+    """ToMe and BAT have C++ kernels for CPU tensors: "cpp" is accepted there, "cuda" never."""
+    x, a = _inputs()
+    for call in (lambda b: bat.bat_tokens(x, a, 0.5, backend=b), lambda b: tome.tome_merge_tokens(x, 2, backend=b)):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            call("cuda")
+        if fastprune._ext.available():
+            call("cpp")
+    assert tome.BACKENDS == bat.BACKENDS == backends.CPU_CPP_BACKENDS
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        backends.resolve_backend("cpp", x.to("meta"), backends.CPU_CPP_BACKENDS)
+    assert backends.resolve_backend("cpp", x.to("meta"), backends.BACKENDS) == "cpp"  # MSTM has CUDA C++
+    want = "cpp" if fastprune._ext.available() else "reference"
+    assert backends.resolve_backend("auto", x, backends.CPU_CPP_BACKENDS) == want
 
 
 def test_resolver():

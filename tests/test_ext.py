@@ -332,11 +332,417 @@ def test_compile_fullgraph_through_merge():
         m = _ext.mstm_merge_cpp(x, scores, 5, size=size, weight="size_attn")
         return (m.x * 2).sum() + m.size.sum()
 
-    x = torch.randn(2, 17, 8, requires_grad=True)
-    scores = torch.rand(2, 17, requires_grad=True)
-    size = torch.ones(2, 17, requires_grad=True)
+    check_compiles(block)
+
+
+def check_compiles(block):
+    """block(x [2, 17, 8], scores [2, 17], size [2, 17]) -> loss: compiled (fullgraph) = eager, grads too."""
+    gen = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(2, 17, 8, generator=gen).requires_grad_(),
+              torch.rand(2, 17, generator=gen).requires_grad_(), torch.ones(2, 17, requires_grad=True))
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(x, scores, size), (x, scores, size))
-    want = torch.autograd.grad(block(x, scores, size), (x, scores, size))
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(block(*inputs), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared weighted merge (torch.ops.fastprune.weighted_merge), used by MSTM, ToMe and BAT
+# ---------------------------------------------------------------------------------------------
+
+def random_index(B, N, n_out, gen):
+    """An index map onto n_out outputs where every output receives at least one token."""
+    index = torch.randint(0, n_out, (B, N), generator=gen)
+    index[:, :n_out] = torch.stack([torch.randperm(n_out, generator=gen) for _ in range(B)])
+    return index
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("B,N,C,n_out", [(1, 1, 1, 1), (2, 7, 5, 3), (3, 31, 33, 17), (2, 197, 48, 184)])
+def test_weighted_merge_equals_reference(device, dtype, B, N, C, n_out):
+    """Bit for bit on CPU (the same sums in the same order as the reference's scatter_add)."""
+    gen = torch.Generator().manual_seed(N * 7 + n_out)
+    x = torch.randn(B, N, C, generator=gen).to(device=device, dtype=dtype)
+    acc = compute_dtype(x)
+    w = (torch.rand(B, N, generator=gen) + 0.1).to(device=device, dtype=acc)
+    size = (torch.rand(B, N, generator=gen) * 3 + 0.5).to(device=device, dtype=acc)
+    index = random_index(B, N, n_out, gen).to(device)
+    got = _ext.weighted_merge_cpp(x, w, size, index, n_out)
+    want = weighted_merge(x, w, size, index, n_out)
+    if device == "cpu":
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    else:
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got[0], want[0], atol=atol, rtol=rtol)
+        torch.testing.assert_close(got[1], want[1])
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_weighted_merge_contains_nan_and_copies_lone_tokens(device):
+    gen = torch.Generator().manual_seed(5)
+    B, N, C, n_out = 2, 12, 6, 7
+    x = torch.randn(B, N, C, generator=gen).to(device)
+    x[0, 9, 2] = float("nan")
+    x[1, 3] = float("inf")
+    w = torch.rand(B, N, generator=gen).to(device) + 0.1
+    index = random_index(B, N, n_out, gen).to(device)
+    out, _ = _ext.weighted_merge_cpp(x, w, torch.ones_like(w), index, n_out)
+    bad = torch.zeros(B, n_out, dtype=torch.bool, device=device)
+    bad[0, index[0, 9]] = True
+    bad[1, index[1, 3]] = True
+    assert bool(torch.isfinite(out[~bad]).all()), "a NaN / inf reached rows it is not merged into"
+    assert bool(torch.isnan(out[0, index[0, 9], 2])) and not bool(torch.isfinite(out[1, index[1, 3]]).all())
+    counts = torch.zeros(B, n_out, dtype=torch.long, device=device).scatter_add_(1, index, torch.ones_like(index))
+    for b in range(B):
+        for d in (counts[b] == 1).nonzero().flatten().tolist():
+            i = int((index[b] == d).nonzero()[0])
+            assert torch.equal(out[b, d], x[b, i]) or not bool(torch.isfinite(x[b, i]).all())
+
+
+@requires_ext
+def test_weighted_merge_is_deterministic_across_threads():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 197, 64, generator=gen)
+    w = torch.rand(4, 197, generator=gen)
+    index = random_index(4, 197, 60, gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _ext.weighted_merge_cpp(x, w, w, index, 60)
+        torch.set_num_threads(max(2, threads))
+        many = _ext.weighted_merge_cpp(x, w, w, index, 60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weighted_merge_gradients(dtype):
+    gen = torch.Generator().manual_seed(11)
+    B, N, C, n_out = 2, 13, 12, 6
+    x = torch.randn(B, N, C, generator=gen).to(dtype)
+    w = torch.rand(B, N, generator=gen) + 0.1
+    size = torch.rand(B, N, generator=gen) + 0.5
+    index = random_index(B, N, n_out, gen)
+    g_out, g_size = torch.randn(B, n_out, C, generator=gen), torch.randn(B, n_out, generator=gen)
+
+    def grads(fn, cast):
+        xs, ws, zs = (t.detach().to(cast(t)).requires_grad_() for t in (x, w, size))
+        out, size_out = fn(xs, ws, zs)
+        loss = (out.double() * g_out.to(dtype).double()).sum() + (size_out.double() * g_size.double()).sum()
+        return torch.autograd.grad(loss, (xs, ws, zs))
+
+    got = grads(lambda a, b, c: _ext.weighted_merge_cpp(a, b, c, index, n_out), lambda t: t.dtype)
+    want = grads(lambda a, b, c: weighted_merge(a, b, c, index, n_out), lambda t: torch.float64)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got[0], want[0].to(dtype), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[1].double(), want[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2].double(), want[2], atol=1e-6, rtol=1e-6)
+    x64 = torch.randn(B, N, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w64 = (torch.rand(B, N, dtype=torch.float64, generator=gen) + 0.1).requires_grad_()
+    z64 = (torch.rand(B, N, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: _ext.weighted_merge_cpp(a, b, c, index, n_out), (x64, w64, z64))
+
+
+@requires_ext
+def test_weighted_merge_input_errors():
+    x, w = torch.randn(2, 5, 3), torch.rand(2, 5)
+    index = torch.tensor([[0, 1, 2, 0, 1]] * 2)
+    with pytest.raises(ValueError, match="index values must lie in"):
+        _ext.weighted_merge_cpp(x, w, w, index, 2)
+    with pytest.raises(ValueError, match="n_out must satisfy"):
+        _ext.weighted_merge_cpp(x, w, w, index, 6)
+    with pytest.raises(TypeError, match="index must be int64"):
+        _ext.weighted_merge_cpp(x, w, w, index.int(), 3)
+    with pytest.raises(ValueError, match="w must have shape"):
+        _ext.weighted_merge_cpp(x, w[:, :4], w, index, 3)
+    with pytest.raises(ValueError, match="index values must lie in"):
+        torch.ops.fastprune.weighted_merge_backward(torch.randn(2, 3, 3), torch.randn(2, 3), x, w, index - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ToMe and BAT on the C++ CPU path: equal to their references (index maps, tokens, sizes)
+# ---------------------------------------------------------------------------------------------
+
+from fastprune import backends as _backends  # noqa: E402
+from fastprune.bat import bat_plan, bat_reference, bat_tokens  # noqa: E402
+from fastprune.tome import tome_merge_reference, tome_merge_tokens  # noqa: E402
+
+TOME_SHAPES = [(1, 2, 3, 0), (2, 7, 5, 0), (2, 13, 12, 1), (3, 31, 33, 2), (2, 30, 16, 3), (2, 197, 48, 1)]
+
+
+def assert_same_merge(got, want):
+    assert got.x.dtype == want.x.dtype and got.x.shape == want.x.shape
+    assert torch.equal(got.index, want.index), "index maps differ"
+    torch.testing.assert_close(got.x, want.x, atol=0, rtol=0, equal_nan=True)  # bit for bit
+    assert got.size.dtype == want.size.dtype and torch.equal(got.size, want.size)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,C,p", TOME_SHAPES)
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "size+metric"])
+def test_tome_cpp_equals_reference(dtype, B, N, C, p, extras):
+    gen = torch.Generator().manual_seed(N * 31 + p)
+    x, _, size, metric = make_inputs(B, N, C, dtype, "cpu", with_size=extras, metric_dim=24 if extras else None,
+                                     generator=gen)
+    for r in sorted({0, 1, (N - p) // 2, N}):  # N: clipped to (N - p) // 2
+        got = tome_merge_tokens(x, r, metric=metric, size=size, num_prefix_tokens=p, backend="cpp")
+        want = tome_merge_tokens(x, r, metric=metric, size=size, num_prefix_tokens=p, backend="reference")
+        assert_same_merge(got, want)
+        assert torch.equal(got.x[:, :p], x[:, :p])
+
+
+@requires_ext
+def test_tome_cpp_is_the_auto_backend_on_cpu_and_matches_the_op():
+    x = torch.randn(2, 10, 4)
+    assert _backends.resolve_backend("auto", x, _backends.CPU_CPP_BACKENDS) == "cpp"
+    m = tome_merge_tokens(x, 3)
+    assert torch.equal(m.index, torch.ops.fastprune.tome_match(x, 3, 1))
+    assert_same_merge(m, tome_merge_tokens(x, 3, backend="reference"))
+
+
+@requires_ext
+def test_tome_cpp_exact_ties_and_zero_rows():
+    """Equal similarities everywhere (repeated and zero metric rows): ties go to the lower index."""
+    gen = torch.Generator().manual_seed(2)
+    patterns = torch.tensor([[1.0, 1, 0, 0], [0, 0, 2, 2], [0, 0, 0, 0], [1, -1, 0, 0]])
+    metric = patterns[torch.randint(0, 4, (3, 25), generator=gen)]
+    x = torch.randn(3, 25, 6, generator=gen)
+    for p in (0, 1, 2):
+        for r in (1, 5, (25 - p) // 2):
+            assert_same_merge(tome_merge_tokens(x, r, metric=metric, num_prefix_tokens=p, backend="cpp"),
+                              tome_merge_reference(x, r, metric=metric, num_prefix_tokens=p)._replace(
+                                  size=tome_merge_reference(x, r, metric=metric, num_prefix_tokens=p).size.float()))
+
+
+@requires_ext
+def test_tome_cpp_nan_stays_in_its_rows():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 17, 8, generator=gen)
+    metric = torch.randn(2, 17, 5, generator=gen)
+    x[0, 4, 1] = float("nan")
+    got = tome_merge_tokens(x, 6, metric=metric, backend="cpp")
+    want = tome_merge_tokens(x, 6, metric=metric, backend="reference")
+    assert torch.equal(got.index, want.index)
+    torch.testing.assert_close(got.x, want.x, equal_nan=True, atol=0, rtol=0)
+    nan_rows = torch.isnan(got.x).any(-1)
+    assert nan_rows.sum() == 1 and bool(nan_rows[0, got.index[0, 4]])
+    # a NaN in the metric changes the matching only: NaN similarities rank first, as argmax / sort
+    metric[1, 6] = float("nan")
+    assert_same_merge(tome_merge_tokens(x, 6, metric=metric, backend="cpp"),
+                      tome_merge_tokens(x, 6, metric=metric, backend="reference"))
+
+
+@requires_ext
+def test_tome_cpp_is_deterministic_across_threads():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 197, 64, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tome_merge_tokens(x, 13, backend="cpp")
+        torch.set_num_threads(max(2, threads))
+        many = tome_merge_tokens(x, 13, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_merge(one, many)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_size", [False, True])
+def test_tome_cpp_gradients_match_reference(dtype, with_size):
+    """C++ backward of the weighted merge (w = size) against autograd of the reference."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 21, 10, generator=gen).to(dtype)
+    metric = torch.randn(2, 21, 6, generator=gen)
+    size = torch.rand(2, 21, generator=gen) + 0.5
+    g = torch.randn(2, 21 - 7, 10, generator=gen).to(dtype)
+    g_size = torch.randn(2, 21 - 7, generator=gen)
+    grads = {}
+    for backend in ("cpp", "reference"):
+        xb = x.clone().requires_grad_()
+        sb = size.clone().requires_grad_() if with_size else None
+        out = tome_merge_tokens(xb, 7, metric=metric, size=sb, backend=backend)
+        loss = (out.x.float() * g.float()).sum() + (out.size * g_size).sum()
+        grads[backend] = torch.autograd.grad(loss, [xb] + ([sb] if with_size else []))
+    atol, rtol = TOL[dtype]
+    for got, want in zip(grads["cpp"], grads["reference"]):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    x64 = torch.randn(1, 9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    z64 = (torch.rand(1, 9, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    m64 = torch.randn(1, 9, 4, generator=gen)
+    assert torch.autograd.gradcheck(lambda a, z: _ext.tome_merge_cpp(a, 3, size=z, metric=m64)[:2], (x64, z64))
+
+
+@requires_ext
+def test_tome_cpp_refuses_bad_arguments():
+    x = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match="r must satisfy"):
+        torch.ops.fastprune.tome_match(x, 5, 1)
+    with pytest.raises(ValueError, match="num_prefix_tokens must satisfy"):
+        torch.ops.fastprune.tome_match(x, 1, 10)
+    with pytest.raises(TypeError, match="metric must be"):
+        torch.ops.fastprune.tome_match(x.long(), 1, 1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tome_merge_tokens(x, 2, backend="cuda")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        _backends.resolve_backend("cpp", x.to("meta"), _backends.CPU_CPP_BACKENDS)
+
+
+BAT_CASES = [  # (B, N, C, p, keep_rate, num_clusters, num_pairs, k)
+    (1, 5, 3, 0, 0.5, 2, None, 1), (2, 13, 12, 1, 0.5, 3, None, 2), (2, 13, 12, 1, 0.25, 10, 2, 5),
+    (3, 31, 33, 2, 0.7, 4, 6, 3), (2, 30, 16, 3, 0.01, 5, None, 5), (2, 10, 4, 1, 1.0, 10, 2, 5),
+    (2, 197, 48, 1, 0.7, 10, None, 5),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,C,p,rate,c,pairs,k", BAT_CASES)
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "size+metric"])
+def test_bat_cpp_equals_reference(dtype, B, N, C, p, rate, c, pairs, k, extras):
+    gen = torch.Generator().manual_seed(N * 13 + p)
+    x, scores, size, metric = make_inputs(B, N, C, dtype, "cpu", with_size=extras,
+                                          metric_dim=24 if extras else None, generator=gen)
+    attn = scores.softmax(-1)
+    kw = dict(size=size, metric=metric, num_prefix_tokens=p, num_clusters=c, num_pairs=pairs, k=k)
+    got = bat_tokens(x, attn, rate, backend="cpp", **kw)
+    want = bat_tokens(x, attn, rate, backend="reference", **kw)
+    assert got.x.shape[1] == bat_plan(N, p, rate, c, pairs, k).output_tokens(p)
+    assert_same_merge(got, want)
+
+
+@requires_ext
+def test_bat_cpp_is_the_auto_backend_on_cpu():
+    gen = torch.Generator().manual_seed(3)
+    x, attn = torch.randn(2, 17, 8, generator=gen), torch.rand(2, 17, generator=gen)
+    counts = bat_plan(17, 1, 0.5, 4, None, 2)
+    got = bat_tokens(x, attn, 0.5, num_clusters=4, k=2)
+    assert torch.equal(got.index, torch.ops.fastprune.bat_index(attn, x, *counts, 1))
+    assert_same_merge(got, bat_reference(x, attn, 0.5, num_clusters=4, k=2))
+
+
+@requires_ext
+def test_bat_cpp_exact_ties():
+    """Duplicated tokens on an exact grid: equal similarities, distances and densities everywhere."""
+    gen = torch.Generator().manual_seed(12)
+    grid = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    metric = grid[torch.randint(0, 4, (3, 29), generator=gen)]
+    scores = torch.randint(0, 3, (3, 29), generator=gen).float()
+    x = torch.randn(3, 29, 5, generator=gen)
+    for rate, c, k in ((0.5, 4, 3), (0.3, 6, 1), (0.8, 2, 5)):
+        assert_same_merge(bat_tokens(x, scores, rate, metric=metric, num_clusters=c, k=k, backend="cpp"),
+                          bat_reference(x, scores, rate, metric=metric, num_clusters=c, k=k))
+    same = torch.ones(3, 29, 3)
+    assert_same_merge(bat_tokens(x, scores, 0.5, metric=same, backend="cpp"),
+                      bat_reference(x, scores, 0.5, metric=same))
+
+
+@requires_ext
+def test_bat_cpp_nan_stays_in_its_rows_and_nan_metric_ranks_like_the_reference():
+    gen = torch.Generator().manual_seed(13)
+    x, attn = torch.randn(2, 21, 6, generator=gen), torch.rand(2, 21, generator=gen)
+    metric = torch.randn(2, 21, 4, generator=gen)
+    x[1, 7, 0] = float("nan")
+    got = bat_tokens(x, attn, 0.5, metric=metric, num_clusters=3, backend="cpp")
+    want = bat_reference(x, attn, 0.5, metric=metric, num_clusters=3)
+    assert torch.equal(got.index, want.index)
+    torch.testing.assert_close(got.x, want.x, equal_nan=True, atol=0, rtol=0)
+    nan_rows = torch.isnan(got.x).any(-1)
+    assert nan_rows.sum() == 1 and bool(nan_rows[1, got.index[1, 7]])
+    metric[0, 3] = float("nan")
+    metric[1, 12] = float("inf")
+    attn[0, 5] = float("nan")
+    got = bat_tokens(x, attn, 0.5, metric=metric, num_clusters=3, backend="cpp")
+    want = bat_reference(x, attn, 0.5, metric=metric, num_clusters=3)
+    assert torch.equal(got.index, want.index)
+    torch.testing.assert_close(got.x, want.x, equal_nan=True, atol=0, rtol=0)
+
+
+@requires_ext
+def test_bat_cpp_is_deterministic_across_threads():
+    gen = torch.Generator().manual_seed(14)
+    x, attn = torch.randn(4, 197, 64, generator=gen), torch.rand(4, 197, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bat_tokens(x, attn, 0.7, backend="cpp")
+        torch.set_num_threads(max(2, threads))
+        many = bat_tokens(x, attn, 0.7, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_merge(one, many)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bat_cpp_gradients_match_reference(dtype):
+    """C++ backward of the weighted merge, autograd of w = size x max(a, eps), against the reference."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 23, 10, generator=gen).to(dtype)
+    attn = torch.rand(2, 23, generator=gen).softmax(-1)
+    size = torch.rand(2, 23, generator=gen) + 0.5
+    metric = torch.randn(2, 23, 6, generator=gen)
+    grads = {}
+    for backend in ("cpp", "reference"):
+        xb, ab, sb = (t.clone().requires_grad_() for t in (x, attn, size))
+        out = bat_tokens(xb, ab, 0.5, size=sb, metric=metric, num_clusters=4, k=3, backend=backend)
+        g = torch.randn(out.x.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        loss = (out.x.float() * g.float()).sum() + (out.size * torch.arange(out.size.shape[1])).sum()
+        grads[backend] = torch.autograd.grad(loss, (xb, ab, sb))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(grads["cpp"][0], grads["reference"][0], atol=atol, rtol=rtol)
+    scale = float(grads["reference"][1].abs().max()) + 1
+    torch.testing.assert_close(grads["cpp"][1], grads["reference"][1], atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(grads["cpp"][2], grads["reference"][2], atol=1e-5, rtol=1e-4)
+    x64 = torch.randn(1, 10, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    s64 = torch.rand(1, 10, dtype=torch.float64, generator=gen).softmax(-1).requires_grad_()
+    m64 = torch.randn(1, 10, 4, dtype=torch.float64, generator=gen)
+    counts = bat_plan(10, 1, 0.5, 3, None, 2)
+    assert torch.autograd.gradcheck(lambda a, s: _ext.bat_merge_cpp(a, s, counts, metric=m64).x, (x64, s64))
+
+
+@requires_ext
+def test_bat_cpp_refuses_bad_arguments():
+    s, m = torch.rand(2, 10), torch.randn(2, 10, 3)
+    with pytest.raises(ValueError, match="K must satisfy"):
+        torch.ops.fastprune.bat_index(s, m, 10, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="r must satisfy"):
+        torch.ops.fastprune.bat_index(s, m, 4, 3, 2, 1, 1)
+    with pytest.raises(ValueError, match="c must satisfy"):
+        torch.ops.fastprune.bat_index(s, m, 4, 1, 0, 1, 1)
+    with pytest.raises(TypeError, match="scores must be float32 or float64"):
+        torch.ops.fastprune.bat_index(s.half(), m, 4, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match="metric must have shape"):
+        torch.ops.fastprune.bat_index(s, m[:, :9], 4, 1, 2, 1, 1)
+
+
+@requires_ext
+def test_opcheck_shared_and_method_ops():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 13, 12, generator=gen, requires_grad=True)
+    w = (torch.rand(2, 13, generator=gen) + 0.1).requires_grad_()
+    size = (torch.rand(2, 13, generator=gen) + 0.5).requires_grad_()
+    index = random_index(2, 13, 5, gen)
+    torch.library.opcheck(torch.ops.fastprune.weighted_merge.default, (x, w, size, index, 5))
+    torch.library.opcheck(torch.ops.fastprune.weighted_merge_backward.default,
+                          (torch.randn(2, 5, 12), torch.randn(2, 5), x.detach(), w.detach(), index))
+    torch.library.opcheck(torch.ops.fastprune.tome_match.default, (x.detach(), 4, 1))
+    torch.library.opcheck(torch.ops.fastprune.bat_index.default, (w.detach(), x.detach(), 6, 2, 3, 2, 1))
+
+
+@requires_ext
+def test_compile_fullgraph_through_tome_and_bat_cpp():
+    def block(x, attn, size):
+        t = tome_merge_tokens(x, 4, size=size, backend="cpp")
+        b = bat_tokens(x, attn, 0.5, size=size, num_clusters=3, k=2, backend="cpp")
+        return (t.x * 2).sum() + t.size.sum() + b.x.sum() + b.size.sum()
+
+    check_compiles(block)

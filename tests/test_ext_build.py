@@ -20,13 +20,14 @@ def test_cuda_extension_built_when_required():
     """CI sources csrc/setup_cuda_toolchain.sh, builds, and sets FASTPRUNE_REQUIRE_CUDA_EXT=1.
 
     The CUDA kernels can only run on a GPU; here the module must exist, import (it links against
-    torch's CUDA libraries, which load without a GPU) and register the CUDA kernels of the fused merge.
+    torch's CUDA libraries, which load without a GPU) and register the CUDA kernels of the MSTM merge and the shared weighted merge.
     """
     if os.environ.get("FASTPRUNE_REQUIRE_CUDA_EXT") != "1":
         pytest.skip("FASTPRUNE_REQUIRE_CUDA_EXT is not 1: the CUDA extension is optional here")
     assert importlib.util.find_spec("fastprune._C_cuda") is not None, "fastprune._C_cuda was not built"
     assert _ext.cuda_available(), f"fastprune._C_cuda does not import: {_ext.cuda_load_error()}"
-    for op in ("fastprune::mstm_merge", "fastprune::mstm_merge_backward"):
+    for op in ("fastprune::mstm_merge", "fastprune::mstm_merge_backward", "fastprune::weighted_merge",
+               "fastprune::weighted_merge_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
 
 
