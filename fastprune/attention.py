@@ -3,6 +3,8 @@ timm's ``Attention`` forward with both.
 
 * :func:`cls_attention` -- the class token's attention row ``[B, N]`` from the class query alone
   (``O(N C)``). Softmax form (EViT, BAT, MSTM) or logit form (IdleViT).
+* :func:`received_attention` -- the mean attention each token receives, its stand-in on models
+  without a class token (chunked, never the ``N x N`` map).
 * :func:`proportional_attention` -- attention with ``+log(s_j)`` on every key ``j`` (ToMe's
   proportional attention, Bolya et al., ICLR 2023), given to ``F.scaled_dot_product_attention`` as an
   additive mask (``impl="mask"``) or as one extra q/k column (``impl="column"``, mask-free, so flash
@@ -22,8 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["cls_attention", "proportional_attention", "PROP_ATTN_IMPLS", "default_prop_attn_impl",
-           "attention_qkv", "attention_forward", "AttentionOutput", "NEEDS"]
+from . import _checks
+
+__all__ = ["cls_attention", "received_attention", "proportional_attention", "PROP_ATTN_IMPLS",
+           "default_prop_attn_impl", "attention_qkv", "attention_forward", "AttentionOutput", "NEEDS"]
 
 #: Implementations of :func:`proportional_attention`; ``"auto"`` picks per device, see
 #: :func:`default_prop_attn_impl`.
@@ -138,6 +142,55 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = 
     if form == "softmax":
         return logits.softmax(dim=-1).mean(dim=1)
     return logits.mean(dim=1)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
+                       size: Optional[torch.Tensor] = None, chunk: int = 64) -> torch.Tensor:
+    """The mean attention each token receives, averaged over heads: the class-attention stand-in of
+    models without a class token.
+
+    ``a_j = mean_h sum_i w_i softmax_j(q_i,h . k_j,h * scale + log s_j)`` with query weights
+    ``w_i = s_i / sum s`` (``1 / N`` without ``size``): the attention a token gets from all tokens,
+    a merged query counting for the patches it stands for (the "attention received" importance
+    of token-pruning work such as Zero-TPrune, Wang et al. CVPR 2024, without its iterations).
+    The ``[B, H, N, N]`` map is never formed: queries are taken ``chunk`` rows at a time
+    (``O(chunk N H)`` memory, ``O(N^2 H d)`` FLOPs), in float32.
+
+    Args:
+        q: queries ``[B, H, N, d]``, after q norm.
+        k: keys ``[B, H, N, d]``, after k norm.
+        scale: logit scale; ``d ** -0.5`` if None.
+        size: ``[B, N]`` token sizes (positive), or None.
+        chunk: query rows per step, ``>= 1``.
+
+    Returns:
+        float32 ``[B, N]`` (each row sums to 1), differentiable with respect to ``q`` and ``k``.
+
+    Raises:
+        TypeError: ``q``/``k``/``size`` not floating tensors, ``scale`` not a number, ``chunk`` not an int.
+        ValueError: ranks other than 4, ``q``/``k`` shapes differ, ``size`` not ``[B, N]``, ``scale <= 0``,
+            ``chunk < 1``.
+    """
+    _check_heads(q, "q")
+    _check_heads(k, "k")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must both be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    scale = _check_scale(scale, q.shape[-1])
+    size = _check_key_size(size, k)
+    chunk = _checks.check_int(chunk, "chunk", 1, 1 << 30)
+    B, H, N, _ = k.shape
+    kf = k.float()
+    bias = None if size is None else size.float().log()[:, None, None, :]  # [B, 1, 1, N]
+    w = (torch.full((B, N), 1.0 / N, device=k.device) if size is None
+         else size.float() / size.float().sum(dim=1, keepdim=True))  # [B, N] query weights
+    total = torch.zeros(B, H, N, dtype=torch.float32, device=k.device)
+    for start in range(0, N, chunk):
+        stop = min(start + chunk, N)
+        logits = torch.einsum("bhid,bhjd->bhij", q[:, :, start:stop].float(), kf) * scale
+        if bias is not None:
+            logits = logits + bias
+        total = total + torch.einsum("bhij,bi->bhj", logits.softmax(dim=-1), w[:, start:stop])
+    return total.mean(dim=1)
 
 
 def _log_size_bias(size: torch.Tensor) -> torch.Tensor:
@@ -255,8 +308,9 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 #: What :func:`attention_forward` can compute besides the output (``need``): ``"cls_attn"`` the class
 #: token's attention row, softmax form ``[B, N]`` float32 (with the ``log size`` bias when ``size`` is
 #: given; prefix columns included); ``"cls_attn_logits"`` the same row in logit form; ``"keys"`` the
-#: head-mean of the keys ``[B, N, d]`` after k norm (ToMe's matching metric).
-NEEDS = frozenset({"cls_attn", "cls_attn_logits", "keys"})
+#: head-mean of the keys ``[B, N, d]`` after k norm (ToMe's matching metric); ``"received_attn"`` the
+#: mean attention each token receives (:func:`received_attention`, ``[B, N]`` float32).
+NEEDS = frozenset({"cls_attn", "cls_attn_logits", "keys", "received_attn"})
 
 
 class AttentionOutput(NamedTuple):
@@ -267,6 +321,7 @@ class AttentionOutput(NamedTuple):
         cls_attn: ``[B, N]`` float32 class attention, softmax form, or None if not asked for.
         cls_attn_logits: ``[B, N]`` float32 class attention, logit form, or None.
         keys: ``[B, N, d]`` head-mean of the keys (after k norm), or None.
+        received_attn: ``[B, N]`` float32 mean attention received (:func:`received_attention`), or None.
         q, k: ``[B, H, N, d]`` queries and keys after q/k norm with ``return_qk=True``, else None.
     """
 
@@ -274,6 +329,7 @@ class AttentionOutput(NamedTuple):
     cls_attn: Optional[torch.Tensor] = None
     cls_attn_logits: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None
+    received_attn: Optional[torch.Tensor] = None
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
 
@@ -334,6 +390,7 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, *, size: Optional[torch.
         cls_attn_logits=(cls_attention(q, k, scale=attn.scale, size=size, form="logit")
                          if "cls_attn_logits" in need else None),
         keys=k.mean(dim=1) if "keys" in need else None,
+        received_attn=received_attention(q, k, scale=attn.scale, size=size) if "received_attn" in need else None,
         q=q if return_qk else None,
         k=k if return_qk else None,
     )

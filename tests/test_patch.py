@@ -340,10 +340,8 @@ def test_bad_arguments_raise(images):
     model = make_vit()
     with pytest.raises(TypeError, match="VisionTransformer"):
         fpatch.timm(nn.Linear(3, 3), r=1)
-    with pytest.raises(ValueError, match="map"):
-        fpatch.timm(make_vit("map", depth=1), r=1)
     with pytest.raises(ValueError, match="class token"):
-        fpatch.timm(make_vit("avg", class_token=False), r=1)
+        fpatch.timm(make_vit("avg", class_token=False), method="idle", r=0.7)
     with pytest.raises(ValueError, match="unknown method"):
         fpatch.timm(model, method="tome!", r=1)
     with pytest.raises(ValueError, match="r must be >= 0"):
@@ -415,3 +413,70 @@ def test_patch_with_no_arguments_applies_the_recommended_setting(images):
     assert fpatch.state(model).num_tokens == [N0] * 12
     fpatch.timm(model, method="tome")
     assert fpatch.state(model).r == 0
+
+
+def _gap_vit(global_pool="avg", **kwargs):
+    torch.manual_seed(0)
+    return make_vit(global_pool, class_token=False, reg_tokens=kwargs.pop("reg_tokens", 0), **kwargs)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_class_token_free_models_r0_exact_and_every_ranking_method_runs(images, global_pool):
+    ref = _gap_vit(global_pool)
+    model = fpatch.timm(copy.deepcopy(ref), method="merge", r=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), ref(images), atol=0, rtol=0)
+    for method, r in (("merge", 3), ("evit", 0.5), ("bat", 0.5), ("tome", 3)):
+        model = fpatch.timm(copy.deepcopy(ref), method=method, r=r, **({"layers": (1,)} if method in ("evit", "bat")
+                                                                       else {}))
+        out = model(images)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and fpatch.state(model).num_tokens[-1] < 16, method
+
+
+def test_received_attention_is_the_mean_column_of_the_full_map():
+    from fastprune.attention import received_attention
+    q, k = torch.randn(2, 3, 10, 4, dtype=torch.float64), torch.randn(2, 3, 10, 4, dtype=torch.float64)
+    size = torch.rand(2, 10, dtype=torch.float64) * 3 + 1
+    probs = ((q @ k.transpose(-1, -2)) * 0.5 + size.log()[:, None, None, :]).softmax(-1)  # [B, H, N, N]
+    want = (probs * (size / size.sum(1, keepdim=True))[:, None, :, None]).sum(2).mean(1)
+    got = received_attention(q.float(), k.float(), scale=0.5, size=size.float(), chunk=3)
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.sum(1), torch.ones(2))
+    plain = (q @ k.transpose(-1, -2) * 0.5).softmax(-1).mean(2).mean(1)
+    torch.testing.assert_close(received_attention(q, k, scale=0.5), plain.float())
+    with pytest.raises(ValueError, match="chunk"):
+        received_attention(q, k, chunk=0)
+
+
+def test_merge_ranks_by_received_attention_without_a_class_token(images, monkeypatch):
+    """The reducer's cls_attn is the received attention of that block (computed from the same q, k)."""
+    import fastprune.attention as fattn
+    seen = []
+    real = fattn.received_attention
+    monkeypatch.setattr(fattn, "received_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
+    model = fpatch.timm(_gap_vit(), method="merge", r=2)
+    with torch.no_grad():
+        model(images)
+    assert len(seen) == DEPTH
+
+
+def test_attention_pool_is_size_weighted_like_duplicated_tokens():
+    """A token of size s in the map pool weighs like s copies of it: the log-size bias is exact."""
+    model = fpatch.timm(_gap_vit("map"), method="merge", r=2)
+    st = fpatch.state(model)
+    tokens = torch.randn(2, 5, 32)
+    size = torch.tensor([[1.0, 2.0, 3.0, 1.0, 1.0], [4.0, 1.0, 1.0, 1.0, 1.0]])
+    st.reset()
+    st._indices[DEPTH], st._sizes[DEPTH] = torch.zeros(2, 1, dtype=torch.long), size  # as if a forward had run
+    pooled = model.pool(tokens)
+    for b in range(2):
+        dup = tokens[b].repeat_interleave(size[b].long(), dim=0)[None]
+        torch.testing.assert_close(pooled[b], model.attn_pool(dup)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_eva_and_beit_are_refused_with_the_reason():
+    eva = timm.create_model("vit_small_patch16_rope_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                            img_size=32)
+    with pytest.raises(TypeError, match="position"):
+        fpatch.timm(eva, r=1)

@@ -253,5 +253,5 @@ def register_builtin_methods() -> None:
     register_method("bat", _bat_reducer, needs=_needs_with_keys(frozenset({"cls_attn"})), defaults=BAT_DEFAULTS,
                     validate=_bat_validate, schedule=_layer_schedule("bat"),
                     block_r=_layer_block_r("bat", _bat_output_tokens))
-    register_method("idle", block_forward=_idle_block_forward, defaults=IDLE_DEFAULTS, validate=_idle_validate,
-                    block_r=_idle_block_r, removes_tokens=False)
+    register_method("idle", block_forward=_idle_block_forward, needs={"cls_attn_logits"}, defaults=IDLE_DEFAULTS,
+                    validate=_idle_validate, block_r=_idle_block_r, removes_tokens=False)

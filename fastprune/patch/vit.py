@@ -6,6 +6,7 @@ The model's class and every block's class are swapped for thin subclasses (swapp
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 import re
 from dataclasses import dataclass, field, replace as _dc_replace
@@ -15,6 +16,7 @@ import timm as _timm_lib  # the package; this module's :func:`timm` is the patch
 import torch
 import torch.nn as nn
 from timm.layers import Attention as _TimmAttention
+from timm.layers import AttentionPoolLatent as _AttentionPoolLatent
 from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
@@ -100,7 +102,9 @@ class PatchState:
     """Configuration and per-forward state of a patched model (``model._fastprune``).
 
     Configuration: ``method`` (:class:`Method`), ``r`` (the schedule as validated: int, float keep
-    rate or tuple), ``options`` (dict, includes ``prop_attn``), ``num_prefix_tokens``.
+    rate or tuple), ``options`` (dict, includes ``prop_attn``), ``num_prefix_tokens``,
+    ``class_token`` (False: a method's ``cls_attn`` is the mean attention each token receives,
+    :func:`fastprune.attention.received_attention`).
 
     Per forward (reset by every model forward; valid after it):
 
@@ -120,6 +124,7 @@ class PatchState:
     num_prefix_tokens: int
     depth: int
     original_model_class: type
+    class_token: bool = True
     original_block_classes: list = field(default_factory=list)
     # per-forward: entry l = entering block l, entry depth = after the last block
     _sizes: list = field(default_factory=list, repr=False)
@@ -230,13 +235,16 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
 def _reduce_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, method: Method) -> tuple:
     """The block forward for reducer methods: attention residual, reducer (if r > 0), MLP residual."""
     needs = method.needs_for(ctx.options) if ctx.r > 0 else frozenset()
+    stand_in = "cls_attn" in needs and not ctx.state.class_token  # no class token: attention received
+    if stand_in:
+        needs = (needs - {"cls_attn"}) | {"received_attn"}
     out = attention_forward(block.attn, block.norm1(x), size=ctx.attn_size, need=needs,
                             prop_attn_impl=ctx.options["prop_attn_impl"])
     x = x + block.drop_path1(block.ls1(out.x))
     size, index = None, None
     if ctx.r > 0:
         B, N, C = x.shape
-        ctx = _dc_replace(ctx, cls_attn=out.cls_attn, cls_attn_logits=out.cls_attn_logits, keys=out.keys)
+        ctx = _dc_replace(ctx, cls_attn=out.received_attn if stand_in else out.cls_attn, cls_attn_logits=out.cls_attn_logits, keys=out.keys)
         _checks.LIBRARY_SIZES.depth += 1  # ctx.size is the library's own: no per-block value check
         try:
             x, size, index = method.reducer(x, ctx)
@@ -277,17 +285,20 @@ class _PatchedVisionTransformer:
         return st.records.get(method)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        """timm's pooling, with ``avg`` / ``avgmax`` weighted by token size (prefix tokens excluded
-        unless ``pool_include_prefix``), so a merged token counts for the patches it stands for."""
+        """timm's pooling, weighted by token size so a merged token counts for the patches it stands
+        for: ``avg`` / ``avgmax`` as a size-weighted mean (prefix tokens excluded unless
+        ``pool_include_prefix``), attention pooling (``map``) with ``+log(size)`` on its keys."""
         pool_type = self.global_pool if pool_type is None else pool_type
         st: PatchState = self._fastprune
-        if self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+        if self.attn_pool is None and pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)
         last = st._last() if any(i is not None for i in st._indices) else None
         if last is None or st._sizes[last] is None or st._sizes[last].shape != x.shape[:2]:
-            return super().pool(x, pool_type)  # nothing merged (or not this forward's tokens): plain mean
+            return super().pool(x, pool_type)  # nothing merged (or not this forward's tokens): plain pooling
         p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
         tokens, w = x[:, p:], st._sizes[last][:, p:]
+        if self.attn_pool is not None:  # proportional attention in the pool: log-size bias on every key
+            return self.attn_pool(tokens, attn_mask=w.log()[:, None, None, :].to(tokens.dtype))
         mean = ((tokens.float() * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True)).to(x.dtype)
         if pool_type == "avgmax":
             return 0.5 * (tokens.amax(dim=1) + mean)
@@ -310,17 +321,31 @@ def _timm_version() -> tuple:
     return tuple(int(re.match(r"\d*", piece).group() or 0) for piece in _timm_lib.__version__.split(".")[:3])
 
 
+#: Why timm's other ViT families are refused.
+_UNSUPPORTED_FAMILIES = {
+    "Eva": "EVA/EVA-02 and the RoPE ViTs rotate q and k by each token's grid position inside attention; "
+           "a merged token has no single position, and fastprune does not define one yet",
+    "Beit": "BEiT adds a relative position bias indexed by pairs of grid positions, which merged tokens no "
+            "longer have",
+}
+
+
 def _check_model(model) -> None:
     if _timm_version() < MIN_TIMM_VERSION:
         raise RuntimeError(f"fastprune.patch needs timm >= {'.'.join(map(str, MIN_TIMM_VERSION))}, "
                            f"found {_timm_lib.__version__}")
     if not isinstance(model, _TimmVisionTransformer):
+        why = _UNSUPPORTED_FAMILIES.get(type(model).__name__, "")
         raise TypeError(f"model must be a timm VisionTransformer (timm.models.vision_transformer), "
-                        f"got {type(model).__name__}")
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"global_pool={model.global_pool!r} (attention pooling) is not supported: the pooling "
-                         "attends over all tokens with weights fastprune does not adjust for token size")
-    if model.global_pool not in SUPPORTED_POOLS:
+                        f"got {type(model).__name__}{': ' + why if why else ''}")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if not isinstance(pool, _AttentionPoolLatent) or getattr(pool, "pos_embed", None) is not None \
+                or "attn_mask" not in inspect.signature(pool.forward).parameters:
+            raise ValueError(f"global_pool={model.global_pool!r}: attention pooling is supported as timm's "
+                             "AttentionPoolLatent without a position embedding, whose forward takes attn_mask "
+                             f"(got {type(pool).__name__}; the pool must take the log-size bias of merged tokens)")
+    elif model.global_pool not in SUPPORTED_POOLS:
         raise ValueError(f"global_pool={model.global_pool!r} is not supported; supported: {SUPPORTED_POOLS}")
     for i, blk in enumerate(model.blocks):
         if not isinstance(blk, _TimmBlock):
@@ -355,7 +380,10 @@ def timm(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = No
     Every block runs ``x += drop_path1(ls1(attn(norm1(x))))`` (timm's attention with proportional
     attention, :func:`fastprune.attention.attention_forward`), then the method's reduction when the
     block's ``r > 0``, then ``x += drop_path2(ls2(mlp(norm2(x))))``. Fused attention stays on; with
-    ``global_pool="avg"``/``"avgmax"`` pooling is size-weighted. No weights change; :func:`revert`
+    ``global_pool="avg"``/``"avgmax"``/``"map"`` pooling is size-weighted (``map``: ``+log size`` on the pool's
+    keys). On a model without a class token (``class_token=False``: ``*_gap_*``, SigLIP), methods that
+    rank by class attention (``"merge"``, ``"evit"``, ``"bat"``) rank by the mean attention each token
+    receives instead (:func:`fastprune.attention.received_attention`). No weights change; :func:`revert`
     undoes the patch; patching a patched model re-configures it.
 
     ``r``: an int (every block removes ``r``), a list of ``depth`` ints, or a float keep rate ``rho``
@@ -376,8 +404,9 @@ def timm(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = No
     Raises:
         TypeError: ``model`` not a ``VisionTransformer``; ``method``/``r``/option of the wrong type;
             unknown option.
-        ValueError: unsupported model (attention pooling, other block or attention types, no class
-            token for a class-attention method); unknown method; ``r`` out of range; bad option values.
+        ValueError: unsupported model (attention pooling other than timm's ``AttentionPoolLatent``,
+            other block or attention types, no class token for ``"idle"``); unknown method; ``r`` out
+            of range; bad option values.
     """
     _check_model(model)
     if method is None and r is None and not options:
@@ -389,18 +418,20 @@ def timm(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = No
     resolved = resolve_options(m, options)
     if m.schedule is not None:  # the method's own schedule forms (e.g. ToMe's "decreasing")
         r = schedules.check_r(m.schedule(r, len(model.blocks), resolved), len(model.blocks))
-    if m.block_forward is None and m.needs_for(resolved) & {"cls_attn", "cls_attn_logits"} \
-            and getattr(model, "cls_token", None) is None:
-        raise ValueError(f"method {m.name!r} ranks tokens by class attention but the model has no class token")
+    class_token = getattr(model, "cls_token", None) is not None
+    if "cls_attn_logits" in m.needs_for(resolved) and not class_token:
+        raise ValueError(f"method {m.name!r} ranks tokens by the class token's attention logits, and the model has "
+                         "no class token (methods that rank by class attention use the attention each token "
+                         "receives instead; this one has no such stand-in)")
 
     if is_patched(model):  # re-configure
         st = model._fastprune
-        st.method, st.r, st.options = m, r, resolved
+        st.method, st.r, st.options, st.class_token = m, r, resolved, class_token
         st.reset()
         return model
 
     st = PatchState(method=m, r=r, options=resolved, num_prefix_tokens=int(model.num_prefix_tokens),
-                    depth=len(model.blocks), original_model_class=type(model))
+                    depth=len(model.blocks), original_model_class=type(model), class_token=class_token)
     st.reset()
     for i, blk in enumerate(model.blocks):
         st.original_block_classes.append(type(blk))
