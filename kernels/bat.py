@@ -13,11 +13,10 @@ Forward = three launches, no host synchronisation, no sort:
   attentive tokens;
 * :func:`_bat_cluster_kernel` (grid ``(B,)``, one program per image holding its inattentive set):
   DPC-kNN clustering; writes the index map of the inattentive tokens;
-* the weighted merge by that index map with weights ``size x max(cls attention, eps)`` -- the same
-  operation as MSTM's merge, so it is ``kernels/merge.py``'s weighted-merge kernel (grid
-  ``(B, cdiv(S, BLOCK_S), cdiv(C, BLOCK_C))``), launched through its launcher.
+* the weighted merge by that index map with weights ``size x max(cls attention, eps)``:
+  ``kernels/weighted_merge.py``, the one weighted merge of every method (a gather).
 
-Backward = one launch, ``kernels/merge.py``'s weighted-merge backward: gradients w.r.t. ``x``, the class
+Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradients w.r.t. ``x``, the class
 attention (through the weights) and ``size``. Matching and clustering are discrete: no gradient
 reaches ``metric``.
 
@@ -41,7 +40,7 @@ from fastprune.reference import COSINE_EPS, BATCounts, Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
-from .merge import _merge_backward, _weighted_merge
+from .weighted_merge import weighted_merge, weighted_merge_backward
 
 __all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
 
@@ -340,14 +339,13 @@ def bat_index_triton(scores: torch.Tensor, metric: torch.Tensor, counts: BATCoun
 class BATMergeFunction(torch.autograd.Function):
     """Weighted merge ``(x, scores, size, index) -> (tokens, sizes)`` with weights ``size x max(a, eps)``.
 
-    Forward and backward are ``kernels/merge.py``'s fused weighted-merge kernels. Gradients reach
+    Forward and backward are ``kernels/weighted_merge.py``'s kernels. Gradients reach
     ``x``, ``scores`` and ``size``; ``index`` is given (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, x, scores, size, index, n_out):
-        N = x.shape[1]
-        out, size_out, wsum = _weighted_merge(x, scores, size, index, N - n_out, True)
+        out, size_out, wsum = weighted_merge(x, scores, size, index, n_out, True)
         if size is None:
             ctx.mark_non_differentiable(size_out)
         ctx.save_for_backward(x, scores, size, index, out, wsum)
@@ -360,13 +358,9 @@ class BATMergeFunction(torch.autograd.Function):
         need_gsize = size is not None and ctx.needs_input_grad[2]
         if not (need_gx or need_gscores or need_gsize):
             return None, None, None, None, None
-        if grad_size_out is None:
-            grad_size_out = torch.zeros(out.shape[:2], dtype=torch.float32, device=out.device)
-        grad_x, grad_scores, grad_size = _merge_backward(
+        grad_x, grad_scores, grad_size = weighted_merge_backward(
             grad_out, grad_size_out, x, out, index, wsum, scores, size, True, need_gx, need_gscores, need_gsize)
         return grad_x, grad_scores, grad_size, None, None
-
-
 
 
 def bat_triton(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts, size: Optional[torch.Tensor] = None,

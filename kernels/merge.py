@@ -18,13 +18,12 @@ Forward = two kernel launches, no host synchronisation, no sort, no memset:
 * :func:`_mstm_select_match_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): top-k threshold by a bitwise
   search over unique integer keys, output slots, and the cosine argmax of the sources; writes the index
   map ``[B, N]``.
-* :func:`_mstm_weighted_merge_kernel` (grid ``(B, cdiv(N - r, ROWS))``): the weighted merge as a
-  gather (each output row reads the tokens sent to it, x is read once), plus the merged sizes and
-  weight totals.
+* the weighted merge by that index map, ``kernels/weighted_merge.py`` (the one merge of every method):
+  a gather, each output row reads the tokens sent to it; plus the merged sizes and weight totals.
 
-Backward = one launch, :func:`_mstm_merge_backward_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): gradients
-w.r.t. ``x``, and w.r.t. the merge weights, mapped in-kernel onto ``scores`` (``weight="size_attn"``)
-and ``size``. Selection and matching are not differentiable (no gradient reaches ``metric``).
+Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradients w.r.t. ``x``, and w.r.t.
+the merge weights, mapped in-kernel onto ``scores`` (``weight="size_attn"``) and ``size``. Selection
+and matching are not differentiable (no gradient reaches ``metric``).
 
 All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16): values are converted on load
 and converted back on store. Deterministic, no atomics.
@@ -45,10 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprune.reference import COSINE_EPS, WEIGHT_EPS, Merged
+from fastprune.reference import COSINE_EPS, Merged
 
-from . import check_triton_device, interpreting
+from . import check_triton_device
 from .aot import KernelSpec, register
+from .weighted_merge import (KERNELS_TRACEABLE, PTR, backward_spec, merge_spec, weighted_merge,
+                             weighted_merge_backward, wrap_triton)
 
 __all__ = ["mstm_merge_triton"]
 
@@ -73,25 +74,6 @@ def _selection_keys(scores_row_ptr, stride_sn, offs, N, P, IDX_BITS: tl.constexp
     mono = tl.where(offs < P, 4294967296, mono)
     key = (mono << IDX_BITS) + (N - 1 - offs).to(tl.int64)
     return tl.where(valid, key, -1)
-
-
-@triton.jit
-def _merge_weights(scores_row_ptr, stride_sn, size_row_ptr, stride_zn, offs, valid,
-                   HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr):
-    """Merge weights and sizes (float32, 0 outside ``valid``) of the tokens at positions ``offs``.
-
-    ``w = size`` or, with ``SIZE_ATTN``, ``w = size * max(score, W_EPS)``; size is 1 without ``HAS_SIZE``.
-    """
-    if HAS_SIZE:
-        size = tl.load(size_row_ptr + offs * stride_zn, mask=valid, other=0.0).to(tl.float32)
-    else:
-        size = tl.where(valid, 1.0, 0.0)
-    if SIZE_ATTN:
-        s = tl.load(scores_row_ptr + offs * stride_sn, mask=valid, other=0.0).to(tl.float32)
-        w = size * tl.maximum(s, W_EPS)
-    else:
-        w = size
-    return w, size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,147 +184,6 @@ def _mstm_select_match_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch 2: weighted merge
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _mstm_weighted_merge_kernel(
-        x_ptr, stride_xb, stride_xn, stride_xc,
-        scores_ptr, stride_sb, stride_sn,
-        size_ptr, stride_zb, stride_zn,
-        index_ptr, out_ptr, size_out_ptr, wsum_ptr,
-        N, C, S,
-        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
-        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Weighted merge of ``ROWS`` output tokens of one image, as a gather.
-
-    One program (image ``b``, output tokens ``s0 .. s0 + ROWS``) loads the image's index map and merge
-    weights once (``BLOCK_N >= N`` entries), then for each of its output tokens ``s``:
-
-    1. ``W_s = sum_{i -> s} w_i`` and ``size'_s = sum_{i -> s} size_i`` (vector reductions);
-    2. walks the tokens sent to ``s`` in increasing position and accumulates ``(w_i / W_s) x_i``
-       over all channels (``BLOCK_C`` at a time), reading each contributing row once.
-
-    Every input row belongs to exactly one output, so x is read once and the output written once:
-    ``B (N + S) C`` elements, plus ``N`` indices, scores and sizes per program (from L2 after the
-    first program of an image). Nothing is multiplied by a zero weight, so a NaN or inf in one token
-    reaches only the output it is merged into. ``w_i / W_s`` is an IEEE division (``tl.div_rn``): a
-    token that absorbs nothing has share exactly 1 and is copied bit-exactly. The program stores
-    ``size'_s`` and ``W_s`` (float32; ``W`` is kept for the backward pass).
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    score_row = scores_ptr + pid_b * stride_sb
-    size_row = size_ptr + pid_b * stride_zb
-    x_row = x_ptr + pid_b * stride_xb
-    out_row = out_ptr + pid_b * S * C
-    offs_n = tl.arange(0, BLOCK_N)
-    valid_n = offs_n < N
-    dest = tl.load(index_ptr + pid_b * N + offs_n, mask=valid_n, other=-1).to(tl.int32)
-    w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_n, valid_n,
-                             HAS_SIZE, SIZE_ATTN, W_EPS)
-    offs_c = tl.arange(0, BLOCK_C)
-    for j in range(ROWS):
-        s_out = pid_s * ROWS + j
-        if s_out < S:
-            hit = dest == s_out
-            wsum = tl.sum(tl.where(hit, w, 0.0), axis=0)
-            ssum = tl.sum(tl.where(hit, size, 0.0), axis=0)
-            n_in = tl.sum(hit.to(tl.int32), axis=0)
-            denom = tl.where(wsum > 0.0, wsum, 1.0)
-            for c0 in range(0, C, BLOCK_C):
-                cmask = (c0 + offs_c) < C
-                acc = tl.zeros([BLOCK_C], tl.float32)
-                prev = -1
-                for _t in range(n_in):
-                    i = tl.min(tl.where(hit & (offs_n > prev), offs_n, BLOCK_N), axis=0)
-                    w_i = tl.sum(tl.where(offs_n == i, w, 0.0), axis=0)
-                    xi = tl.load(x_row + i.to(tl.int64) * stride_xn + (c0 + offs_c) * stride_xc,
-                                 mask=cmask, other=0.0).to(tl.float32)
-                    acc += tl.div_rn(w_i, denom) * xi
-                    prev = i
-                tl.store(out_row + s_out.to(tl.int64) * C + c0 + offs_c, acc.to(out_ptr.dtype.element_ty),
-                         mask=cmask)
-            tl.store(size_out_ptr + pid_b * S + s_out, ssum)
-            tl.store(wsum_ptr + pid_b * S + s_out, wsum)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _mstm_merge_backward_kernel(
-        grad_out_ptr, stride_gb, stride_gn, stride_gc,
-        grad_size_out_ptr, stride_hb, stride_hn,
-        x_ptr, stride_xb, stride_xn, stride_xc,
-        out_ptr, index_ptr, wsum_ptr,
-        scores_ptr, stride_sb, stride_sn,
-        size_ptr, stride_zb, stride_zn,
-        grad_x_ptr, grad_scores_ptr, grad_size_ptr,
-        N, C, S,
-        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
-        NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, NEED_GSCORES: tl.constexpr,
-        NEED_GSIZE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Gradients of the weighted merge for one tile of ``BLOCK_I`` input tokens of one image.
-
-    With ``d = index[b, i]``, ``share_i = w_i / W_d`` and ``g = dL/dx'``, one program computes, in
-    ``BLOCK_C`` chunks of channels:
-
-    * ``dL/dx_i = share_i * g[d]`` (stored in x's dtype);
-    * ``dL/dw_i = <g[d], x_i - x'_d> / W_d`` (since ``dx'_d/dw_i = (x_i - x'_d) / W_d``), then maps it
-      onto the inputs of ``w``: ``dL/dscore_i = dL/dw_i * size_i * [score_i >= eps]`` (``size_attn``)
-      and ``dL/dsize_i = dL/dw_i * dw_i/dsize_i + dL/dsize'_d`` (sizes add up).
-
-    Each input token belongs to exactly one destination, so every output element is written by one
-    program: no atomics. Memory traffic per program: ``BLOCK_I`` rows of ``g`` (gathered), ``x`` and
-    ``x'`` (gathered, only when a weight gradient is needed), ``BLOCK_I`` rows of ``dL/dx`` written.
-    ``x'`` is the stored output, so for half-precision tokens ``dL/dw`` carries that rounding.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_i = tl.program_id(1)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    valid_i = offs_i < N
-    score_row = scores_ptr + pid_b * stride_sb
-    size_row = size_ptr + pid_b * stride_zb
-    dest = tl.load(index_ptr + pid_b * N + offs_i, mask=valid_i, other=0)
-    wsum = tl.load(wsum_ptr + pid_b * S + dest, mask=valid_i, other=1.0)
-    w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_i, valid_i,
-                             HAS_SIZE, SIZE_ATTN, W_EPS)
-    share = tl.div_rn(w, wsum)  # IEEE, as in the forward: a lone token's gradient is g exactly
-
-    offs_c = tl.arange(0, BLOCK_C)
-    dw = tl.zeros([BLOCK_I], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cmask = (c0 + offs_c) < C
-        mask = valid_i[:, None] & cmask[None, :]
-        g = tl.load(grad_out_ptr + pid_b * stride_gb + dest[:, None] * stride_gn + (c0 + offs_c)[None, :] * stride_gc,
-                    mask=mask, other=0.0).to(tl.float32)
-        if NEED_GX:
-            gx = share[:, None] * g
-            tl.store(grad_x_ptr + pid_b * N * C + offs_i[:, None] * C + (c0 + offs_c)[None, :],
-                     gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if NEED_GW:
-            xi = tl.load(x_ptr + pid_b * stride_xb + offs_i[:, None] * stride_xn + (c0 + offs_c)[None, :] * stride_xc,
-                         mask=mask, other=0.0).to(tl.float32)
-            xd = tl.load(out_ptr + pid_b * S * C + dest[:, None] * C + (c0 + offs_c)[None, :],
-                         mask=mask, other=0.0).to(tl.float32)
-            dw += tl.sum(g * (xi - xd), axis=1)
-
-    if NEED_GW:
-        gw = tl.div_rn(dw, wsum)
-        if SIZE_ATTN:
-            s = tl.load(score_row + offs_i * stride_sn, mask=valid_i, other=0.0).to(tl.float32)
-            if NEED_GSCORES:
-                tl.store(grad_scores_ptr + pid_b * N + offs_i, tl.where(s >= W_EPS, gw * size, 0.0), mask=valid_i)
-            gw_size = gw * tl.maximum(s, W_EPS)
-        else:
-            gw_size = gw
-        if NEED_GSIZE:
-            gso = tl.load(grad_size_out_ptr + pid_b * stride_hb + dest * stride_hn, mask=valid_i,
-                          other=0.0).to(tl.float32)
-            tl.store(grad_size_ptr + pid_b * N + offs_i, gw_size + gso, mask=valid_i)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
 def _select_match_config(N: int) -> tuple[dict, int]:
@@ -354,60 +195,16 @@ def _select_match_config(N: int) -> tuple[dict, int]:
     return consts, (4 if small else 8)
 
 
-def _merge_config(N: int, C: int, has_size: bool, size_attn: bool) -> tuple[dict, int]:
-    """The gather merge: the whole index row in one tile, 16 output rows a program, up to 1024 channels
-    at a time (a [BLOCK_C] fp32 accumulator)."""
-    block_n = max(16, triton.next_power_of_2(N))
-    block_c = min(1024, max(16, triton.next_power_of_2(C)))
-    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=16,
-                  BLOCK_C=block_c)
-    return consts, (4 if block_c * block_n <= 256 * 1024 else 8)
-
-
-def _backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscores: bool,
-                     need_gsize: bool) -> tuple[dict, int]:
-    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, NEED_GX=need_gx,
-                  NEED_GW=need_gscores or need_gsize, NEED_GSCORES=need_gscores, NEED_GSIZE=need_gsize,
-                  BLOCK_I=16, BLOCK_C=32)
-    return consts, 4
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-
-
-#: Whether ``@triton.jit`` made interpreted kernels: Triton reads ``TRITON_INTERPRET`` once, when this
-#: module's kernels are decorated, so later changes of the variable do not change what they are.
-_KERNELS_INTERPRETED = interpreting()
-#: Compiled kernels and a torch with ``triton_op``/``wrap_triton`` (2.6+): launches can be traced.
-_KERNELS_TRACEABLE = (not _KERNELS_INTERPRETED and hasattr(torch.library, "triton_op")
-                      and hasattr(torch.library, "wrap_triton"))
-
-
-def wrap_triton(kernel):
-    """``torch.library.wrap_triton(kernel)``: the kernel, launchable so that tracing records it.
-
-    Inside a :func:`torch.library.triton_op` this makes the launch visible to ``torch.compile``
-    (Inductor schedules the kernel itself, CUDA graphs capture it) and to ``make_fx``; in a plain
-    eager call of the op, torch hands back the kernel unchanged. Under the Triton interpreter
-    (``TRITON_INTERPRET=1``), or with a torch older than 2.6, the kernel is returned as it is: an
-    interpreted kernel carries none of the compiled metadata torch's wrapper needs (older torch
-    releases reject it outright), and the operators are then opaque custom ops anyway (see
-    :data:`_define_op`).
-    """
-    if not _KERNELS_TRACEABLE:
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
 def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
                   traceable: bool = False) -> torch.Tensor:
     """Launch 1: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
 
     ``traceable=True`` launches through :func:`wrap_triton` (inside the operators); False launches
-    the kernel directly, for plain eager callers outside an operator (``kernels/bat.py``'s autograd
-    Function): there torch's wrapper would send every launch through a higher-order op.
+    the kernel directly, for plain eager callers outside an operator: there torch's wrapper would send
+    every launch through a higher-order op.
     """
     B, N, CM = metric.shape
     index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
@@ -421,62 +218,6 @@ def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
     return index
 
 
-def _weighted_merge(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor,
-                    r: int, size_attn: bool, *,
-                    traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch 2: merged tokens ``[B, N - r, C]`` (x's dtype), sizes and weight totals ``[B, N - r]`` fp32.
-
-    ``index`` must be contiguous. ``traceable``: as for :func:`_select_match`.
-    """
-    B, N, C = x.shape
-    S = N - r
-    out = torch.empty(B, S, C, dtype=x.dtype, device=x.device)
-    size_out = torch.empty(B, S, dtype=torch.float32, device=x.device)
-    wsum = torch.empty(B, S, dtype=torch.float32, device=x.device)
-    sz = scores if size is None else size  # a valid pointer when HAS_SIZE is off; never read then
-    consts, num_warps = _merge_config(N, C, size is not None, size_attn)
-    grid = (B, triton.cdiv(S, consts["ROWS"]))
-    kernel = wrap_triton(_mstm_weighted_merge_kernel) if traceable else _mstm_weighted_merge_kernel
-    kernel[grid](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        scores, scores.stride(0), scores.stride(1),
-        sz, sz.stride(0), sz.stride(1),
-        index, out, size_out, wsum, N, C, S, **consts, num_warps=num_warps)
-    return out, size_out, wsum
-
-
-def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, size_attn, need_gx,
-                    need_gscores, need_gsize, *, traceable: bool = False):
-    """Backward launch: ``(grad_x, grad_scores, grad_size)``, None for those not asked for.
-
-    ``out``, ``index`` and ``wsum`` must be contiguous (as :func:`_weighted_merge` makes them).
-    ``traceable``: as for :func:`_select_match`.
-    """
-    B, N, C = x.shape
-    S = out.shape[1]
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else None
-    grad_scores = torch.empty(B, N, dtype=torch.float32, device=x.device) if need_gscores else None
-    grad_size = torch.empty(B, N, dtype=torch.float32, device=x.device) if need_gsize else None
-    sz = scores if size is None else size
-    consts, num_warps = _backward_config(size is not None, size_attn, need_gx, need_gscores, need_gsize)
-    grid = (B, triton.cdiv(N, consts["BLOCK_I"]))
-    kernel = wrap_triton(_mstm_merge_backward_kernel) if traceable else _mstm_merge_backward_kernel
-    kernel[grid](
-        grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
-        x, x.stride(0), x.stride(1), x.stride(2),
-        out, index, wsum,
-        scores, scores.stride(0), scores.stride(1),
-        sz, sz.stride(0), sz.stride(1),
-        # pointers of gradients not asked for are never written (NEED_* constexprs): any tensor of the
-        # right dtype will do
-        x if grad_x is None else grad_x,
-        wsum if grad_scores is None else grad_scores,
-        wsum if grad_size is None else grad_size,
-        N, C, S, **consts, num_warps=num_warps)
-    return grad_x, grad_scores, grad_size
-
-
 # ----------------------------------------------------------------------------------------------------
 # Operators: torch.library.triton_op, so that torch.compile / torch.export / CUDA graphs see the kernels
 # ----------------------------------------------------------------------------------------------------
@@ -486,7 +227,7 @@ def _merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, 
 #: Triton interpreter (``TRITON_INTERPRET=1``, CPU tests), or with a torch older than 2.6:
 #: :func:`torch.library.custom_op`, an opaque operator with the same schema, fake kernel and autograd,
 #: because interpreted kernels cannot be traced (they run on real data only).
-_define_op = torch.library.triton_op if _KERNELS_TRACEABLE else torch.library.custom_op
+_define_op = torch.library.triton_op if KERNELS_TRACEABLE else torch.library.custom_op
 
 
 @_define_op("fastprune::mstm_select_match_triton", mutates_args=())
@@ -518,7 +259,7 @@ def _weighted_merge_op(x: torch.Tensor, scores: torch.Tensor, size: Optional[tor
     weight totals (saved for the backward). ``index[b, i]`` in ``[0, N - r)`` is the output token input
     token ``i`` goes to. Differentiable with respect to ``x``, ``scores`` (``size_attn``) and ``size``.
     """
-    return _weighted_merge(x, scores, size, index.contiguous(), r, size_attn, traceable=True)
+    return weighted_merge(x, scores, size, index.contiguous(), x.shape[1] - r, size_attn, traceable=True)
 
 
 @_weighted_merge_op.register_fake
@@ -541,9 +282,9 @@ def _weighted_merge_backward_op(grad_out: torch.Tensor, grad_size_out: torch.Ten
     Returns ``(grad_x [B, N, C] in x's dtype, grad_scores [B, N] fp32, grad_size [B, N] fp32)``; a
     gradient not asked for (``need_*`` False) comes back as an empty ``[0]`` tensor.
     """
-    gx, gs, gz = _merge_backward(grad_out, grad_size_out, x, out.contiguous(), index.contiguous(),
-                                 wsum.contiguous(), scores, size, size_attn, need_gx, need_gscores, need_gsize,
-                                 traceable=True)
+    gx, gs, gz = weighted_merge_backward(grad_out, grad_size_out, x, out.contiguous(), index.contiguous(),
+                                         wsum.contiguous(), scores, size, size_attn, need_gx, need_gscores,
+                                         need_gsize, traceable=True)
     return (x.new_empty(0) if gx is None else gx, wsum.new_empty(0) if gs is None else gs,
             wsum.new_empty(0) if gz is None else gz)
 
@@ -639,9 +380,6 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/aot.py): typical ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def _aot_specs() -> list[KernelSpec]:
     """Every storage dtype and every launch-config branch, in a dozen instantiations (compiles are slow).
 
@@ -659,36 +397,16 @@ def _aot_specs() -> list[KernelSpec]:
         specs.append(KernelSpec(
             name("mstm_select_match", dtype, f"N={N}"), _mstm_select_match_kernel,
             dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
+                 metric_ptr=PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
                  index_ptr="*i64", N="i32", CM="i32", P="i32", K="i32"),
             consts, warps))
     for dtype, has_size, size_attn in ((torch.float32, True, False), (torch.float16, True, True),
                                        (torch.bfloat16, False, False), (torch.bfloat16, True, True)):
-        t = _PTR[dtype]
-        consts, warps = _merge_config(197, 768, has_size, size_attn)
-        specs.append(KernelSpec(
-            name("mstm_weighted_merge", dtype, ("size_attn" if size_attn else "size") + ("" if has_size else ",ones")),
-            _mstm_weighted_merge_kernel,
-            dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                 index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
-                 N="i32", C="i32", S="i32"),
-            consts, warps))
+        variant = ("size_attn" if size_attn else "size") + ("" if has_size else ",ones")
+        specs.append(merge_spec(name("mstm_weighted_merge", dtype, variant), dtype, has_size, size_attn))
     for dtype, size_attn in ((torch.float32, True), (torch.float16, True), (torch.bfloat16, False)):
-        t = _PTR[dtype]
-        consts, warps = _backward_config(True, size_attn, True, size_attn, True)
-        specs.append(KernelSpec(
-            name("mstm_merge_backward", dtype, "size_attn" if size_attn else "size"), _mstm_merge_backward_kernel,
-            dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
-                 grad_size_out_ptr="*fp32", stride_hb="i32", stride_hn="i32",
-                 x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                 out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
-                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                 grad_x_ptr=t, grad_scores_ptr="*fp32", grad_size_ptr="*fp32",
-                 N="i32", C="i32", S="i32"),
-            consts, warps))
+        specs.append(backward_spec(name("mstm_merge_backward", dtype, "size_attn" if size_attn else "size"), dtype,
+                                   True, size_attn, True, size_attn, True))
     return specs
 
 

@@ -23,13 +23,12 @@ similarity matrix in global memory:
   Writes the best score and partner of every A token (``[B, NA]``).
 * :func:`_tome_select_kernel` (grid ``(B,)``): the top-``r`` A tokens by an in-kernel rank
   (``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}``, exact, ties to the lower index), then the
-  output order: the index map ``[B, N]``, the input position of every output token, and the compact
-  list of merged A tokens with their destination slots.
-* :func:`_tome_merge_kernel` (grid ``(B, cdiv(N - r, BLOCK_T), cdiv(C, BLOCK_C))``): gathers every
-  output token and adds the merged A tokens to their destinations as a one-hot x weight matrix product.
+  output order as the index map ``[B, N]``.
+* the size-weighted merge by that index map: ``kernels/weighted_merge.py``, the one weighted merge of
+  every method (a gather: each output row reads its own token and the A tokens merged into it).
 
-Backward = one launch, :func:`_tome_merge_backward_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): gradient
-w.r.t. ``x`` and, when needed, ``size``. Matching is not differentiable (nothing reaches ``metric``).
+Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradient w.r.t. ``x`` and, when
+needed, ``size``. Matching is not differentiable (nothing reaches ``metric``).
 
 All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16): values are converted on load
 and back on store.
@@ -46,6 +45,7 @@ from fastprune.reference import COSINE_EPS, Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
+from .weighted_merge import PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
 
@@ -128,8 +128,8 @@ def _tome_match_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _tome_select_kernel(
-        score_ptr, partner_ptr, index_ptr, out_pos_ptr, src_pos_ptr, src_slot_ptr,
-        N, NA, NB, P, R, N_OUT,
+        score_ptr, partner_ptr, index_ptr,
+        N, NA, NB, P, R,
         BLOCK_NA: tl.constexpr, BLOCK_J: tl.constexpr):
     """Top-``r`` selection and the output order of one image (one program per image).
 
@@ -139,12 +139,10 @@ def _tome_select_kernel(
     2. output slots: prefix tokens keep their position; unmerged A tokens follow in order
        (``P + cumsum - 1``); non-prefix B token ``j`` goes to ``P + n_unmerged + j - P // 2``; a merged
        A token maps to its partner's slot;
-    3. stores the index map ``index[b, pos]`` (int64), ``out_pos[b, slot]`` (the input position each
-       output token copies) and the compact, position-ordered list of merged A tokens:
-       ``src_pos[b, k]`` (input position) and ``src_slot[b, k]`` (destination slot).
+    3. stores the index map ``index[b, pos]`` (int64).
 
     Memory traffic: reads ``8 NA`` bytes (the scores are re-read per ``BLOCK_J`` chunk from L1/L2),
-    writes ``8 N + 4 (N - R) + 8 R`` bytes.
+    writes ``8 N`` bytes.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_NA)
@@ -174,165 +172,11 @@ def _tome_select_kernel(
 
     # 3. stores
     tl.store(index_ptr + pid_b * N + pos_a, slot_a.to(tl.int64), mask=valid)
-    tl.store(out_pos_ptr + pid_b * N_OUT + slot_a, pos_a, mask=valid & (merged == 0))
-    k = tl.cumsum(merged.to(tl.int32), axis=0) - 1
-    tl.store(src_pos_ptr + pid_b * R + k, pos_a, mask=merged)
-    tl.store(src_slot_ptr + pid_b * R + k, b_base + partner, mask=merged)
 
     valid_b = offs < NB
     pos_b = 2 * offs + 1
     slot_b = tl.where(pos_b < P, pos_b, b_base + offs)
     tl.store(index_ptr + pid_b * N + pos_b, slot_b.to(tl.int64), mask=valid_b)
-    tl.store(out_pos_ptr + pid_b * N_OUT + slot_b, pos_b, mask=valid_b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launch 3: size-weighted merge
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _tome_merge_kernel(
-        x_ptr, stride_xb, stride_xn, stride_xc,
-        size_ptr, stride_zb, stride_zn,
-        out_pos_ptr, src_pos_ptr, src_slot_ptr,
-        out_ptr, size_out_ptr,
-        C, R, N_OUT, FIRST_DST,
-        HAS_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Size-weighted merge of one ``[BLOCK_T, BLOCK_C]`` tile of output tokens of one image.
-
-    Output token ``t`` copies input position ``out_pos[b, t]`` with size ``s_t``. If the tile holds
-    destinations (slots ``>= FIRST_DST``, the non-prefix B tokens), two passes over the ``R`` merged A
-    tokens in chunks of ``BLOCK_S``, with the one-hot matrix ``hit[t, k] = (src_slot[b, k] == t)``:
-
-    1. ``S_t = s_t + sum_k hit * s_k``;
-    2. ``acc = (s_t / S_t) x_t + (hit * s_k / S_t) @ x[src_pos[k], c]`` -- an fp32 IEEE ``tl.dot`` of
-       ``[BLOCK_T, BLOCK_S]`` by ``[BLOCK_S, BLOCK_C]``, skipped for chunks that send nothing here.
-
-    Other tiles only copy (``s_t / S_t == 1``, bit-exact). Stores ``out[b, t, c]`` in the output
-    dtype; the program with ``pid_c == 0`` also stores ``S_t`` (float32). Memory traffic per program:
-    ``BLOCK_T x BLOCK_C`` gathered inputs, plus, for destination tiles, ``2 R`` source records and the
-    ``BLOCK_C`` channels of only the source chunks that hit the tile; ``BLOCK_T x BLOCK_C`` written.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    x_img = x_ptr + pid_b * stride_xb
-    t0 = pid_t * BLOCK_T
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    valid_t = offs_t < N_OUT
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-
-    pos_t = tl.load(out_pos_ptr + pid_b * N_OUT + offs_t, mask=valid_t, other=0)
-    if HAS_SIZE:
-        s_t = tl.load(size_ptr + pid_b * stride_zb + pos_t * stride_zn, mask=valid_t, other=1.0).to(tl.float32)
-    else:
-        s_t = tl.full([BLOCK_T], 1.0, tl.float32)
-    x_t = tl.load(x_img + pos_t[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                  mask=valid_t[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-
-    total = s_t
-    has_dst = t0 + BLOCK_T > FIRST_DST
-    if has_dst:
-        # 1. size totals
-        for k0 in range(0, R, BLOCK_S):
-            offs_k = k0 + tl.arange(0, BLOCK_S)
-            valid_k = offs_k < R
-            slot_k = tl.load(src_slot_ptr + pid_b * R + offs_k, mask=valid_k, other=-1)
-            if HAS_SIZE:
-                pos_k = tl.load(src_pos_ptr + pid_b * R + offs_k, mask=valid_k, other=0)
-                s_k = tl.load(size_ptr + pid_b * stride_zb + pos_k * stride_zn, mask=valid_k,
-                              other=0.0).to(tl.float32)
-            else:
-                s_k = tl.where(valid_k, 1.0, 0.0)
-            hit = slot_k[None, :] == offs_t[:, None]
-            total += tl.sum(tl.where(hit, s_k[None, :], 0.0), axis=1)
-    acc = x_t * (s_t / total)[:, None]
-    if has_dst:
-        # 2. weighted sum of the merged A tokens
-        for k0 in range(0, R, BLOCK_S):
-            offs_k = k0 + tl.arange(0, BLOCK_S)
-            valid_k = offs_k < R
-            slot_k = tl.load(src_slot_ptr + pid_b * R + offs_k, mask=valid_k, other=-1)
-            hit = slot_k[None, :] == offs_t[:, None]
-            n_hit = tl.sum(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-            if n_hit > 0:
-                pos_k = tl.load(src_pos_ptr + pid_b * R + offs_k, mask=valid_k, other=0)
-                if HAS_SIZE:
-                    s_k = tl.load(size_ptr + pid_b * stride_zb + pos_k * stride_zn, mask=valid_k,
-                                  other=0.0).to(tl.float32)
-                else:
-                    s_k = tl.where(valid_k, 1.0, 0.0)
-                share = tl.where(hit, s_k[None, :] / total[:, None], 0.0)
-                x_k = tl.load(x_img + pos_k[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                              mask=valid_k[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(share, x_k, input_precision="ieee")
-
-    out_ptrs = out_ptr + pid_b * N_OUT * C + offs_t[:, None] * C + offs_c[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid_t[:, None] & cmask[None, :])
-    if pid_c == 0:
-        tl.store(size_out_ptr + pid_b * N_OUT + offs_t, total, mask=valid_t)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _tome_merge_backward_kernel(
-        grad_out_ptr, stride_gb, stride_gn, stride_gc,
-        grad_size_out_ptr, stride_hb, stride_hn,
-        x_ptr, stride_xb, stride_xn, stride_xc,
-        size_ptr, stride_zb, stride_zn,
-        out_ptr, size_out_ptr, index_ptr,
-        grad_x_ptr, grad_size_ptr,
-        N, C, N_OUT,
-        HAS_SIZE: tl.constexpr, NEED_GX: tl.constexpr, NEED_GSIZE: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Gradients of the size-weighted merge for one tile of ``BLOCK_I`` input tokens of one image.
-
-    With ``d = index[b, i]``, ``S_d`` the merged size and ``g = dL/dx'``, one program computes, in
-    ``BLOCK_C`` chunks of channels:
-
-    * ``dL/dx_i = (s_i / S_d) g[d]`` (stored in x's dtype);
-    * with ``NEED_GSIZE``: ``dL/ds_i = <g[d], x_i - x'_d> / S_d + dL/dS_d`` (``dx'_d/ds_i =
-      (x_i - x'_d) / S_d``; sizes add up).
-
-    Every input token belongs to exactly one output token, so each gradient element is written by one
-    program: no atomics. Memory traffic per program: ``BLOCK_I`` gathered rows of ``g`` (and of ``x``,
-    ``x'`` with ``NEED_GSIZE``), ``BLOCK_I`` rows of ``dL/dx`` written. ``x'`` is the stored output, so
-    for half-precision tokens ``dL/ds`` carries that rounding.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_i = tl.program_id(1)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    valid_i = offs_i < N
-    dest = tl.load(index_ptr + pid_b * N + offs_i, mask=valid_i, other=0)
-    total = tl.load(size_out_ptr + pid_b * N_OUT + dest, mask=valid_i, other=1.0)
-    if HAS_SIZE:
-        s_i = tl.load(size_ptr + pid_b * stride_zb + offs_i * stride_zn, mask=valid_i, other=0.0).to(tl.float32)
-    else:
-        s_i = tl.where(valid_i, 1.0, 0.0)
-    share = s_i / total
-
-    offs_c = tl.arange(0, BLOCK_C)
-    ds = tl.zeros([BLOCK_I], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cmask = (c0 + offs_c) < C
-        mask = valid_i[:, None] & cmask[None, :]
-        g = tl.load(grad_out_ptr + pid_b * stride_gb + dest[:, None] * stride_gn + (c0 + offs_c)[None, :] * stride_gc,
-                    mask=mask, other=0.0).to(tl.float32)
-        if NEED_GX:
-            tl.store(grad_x_ptr + pid_b * N * C + offs_i[:, None] * C + (c0 + offs_c)[None, :],
-                     (share[:, None] * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if NEED_GSIZE:
-            x_i = tl.load(x_ptr + pid_b * stride_xb + offs_i[:, None] * stride_xn + (c0 + offs_c)[None, :] * stride_xc,
-                          mask=mask, other=0.0).to(tl.float32)
-            x_d = tl.load(out_ptr + pid_b * N_OUT * C + dest[:, None] * C + (c0 + offs_c)[None, :],
-                          mask=mask, other=0.0).to(tl.float32)
-            ds += tl.sum(g * (x_i - x_d), axis=1)
-    if NEED_GSIZE:
-        g_total = tl.load(grad_size_out_ptr + pid_b * stride_hb + dest * stride_hn, mask=valid_i,
-                          other=0.0).to(tl.float32)
-        tl.store(grad_size_ptr + pid_b * N + offs_i, ds / total + g_total, mask=valid_i)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,21 +195,11 @@ def _select_config(NA: int) -> tuple[dict, int]:
     return dict(BLOCK_NA=block_na, BLOCK_J=block_j), (4 if block_na <= 1024 else 8)
 
 
-def _merge_config(has_size: bool) -> tuple[dict, int]:
-    return dict(HAS_SIZE=has_size, BLOCK_T=32, BLOCK_S=32, BLOCK_C=64), 4
-
-
-def _backward_config(has_size: bool, need_gx: bool, need_gsize: bool) -> tuple[dict, int]:
-    """8 warps: the gathered ``[32, 64]`` rows of g, x and x' spill with 4 warps on sm_80/sm_90."""
-    return dict(HAS_SIZE=has_size, NEED_GX=need_gx, NEED_GSIZE=need_gsize, BLOCK_I=32, BLOCK_C=64), 8
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _match_and_select(metric: torch.Tensor, r: int, p: int):
-    """Launches 1 and 2: index map ``[B, N]`` int64, ``out_pos [B, N - r]``, ``src_pos``/``src_slot``
-    ``[B, r]`` (int32), for ``1 <= r <= (N - p) // 2``."""
+def _match_and_select(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
+    """Launches 1 and 2: the index map ``[B, N]`` int64, for ``1 <= r <= (N - p) // 2``."""
     B, N, CM = metric.shape
     NA, NB = (N + 1) // 2, N // 2
     dev = metric.device
@@ -377,48 +211,9 @@ def _match_and_select(metric: torch.Tensor, r: int, p: int):
         NA, NB, CM, p, **consts, num_warps=num_warps)
 
     index = torch.empty(B, N, dtype=torch.int64, device=dev)
-    out_pos = torch.empty(B, N - r, dtype=torch.int32, device=dev)
-    src_pos = torch.empty(B, r, dtype=torch.int32, device=dev)
-    src_slot = torch.empty(B, r, dtype=torch.int32, device=dev)
     consts, num_warps = _select_config(NA)
-    _tome_select_kernel[(B,)](score, partner, index, out_pos, src_pos, src_slot,
-                              N, NA, NB, p, r, N - r, **consts, num_warps=num_warps)
-    return index, out_pos, src_pos, src_slot
-
-
-def _merge(x: torch.Tensor, size: Optional[torch.Tensor], out_pos, src_pos, src_slot, r: int, p: int):
-    """Launch 3: merged tokens ``[B, N - r, C]`` (x's dtype) and sizes ``[B, N - r]`` float32."""
-    B, N, C = x.shape
-    n_out = N - r
-    first_dst = p + (N + 1) // 2 - (p + 1) // 2 - r  # slot of the first non-prefix B token
-    out = torch.empty(B, n_out, C, dtype=x.dtype, device=x.device)
-    size_out = torch.empty(B, n_out, dtype=torch.float32, device=x.device)
-    sz = x[:, :, 0] if size is None else size  # a valid pointer when HAS_SIZE is off; never read then
-    consts, num_warps = _merge_config(size is not None)
-    grid = (B, triton.cdiv(n_out, consts["BLOCK_T"]), triton.cdiv(C, consts["BLOCK_C"]))
-    _tome_merge_kernel[grid](
-        x, x.stride(0), x.stride(1), x.stride(2), sz, sz.stride(0), sz.stride(1),
-        out_pos, src_pos, src_slot, out, size_out, C, r, n_out, first_dst, **consts, num_warps=num_warps)
-    return out, size_out
-
-
-def _merge_backward(grad_out, grad_size_out, x, size, out, size_out, index, need_gx: bool, need_gsize: bool):
-    B, N, C = x.shape
-    n_out = out.shape[1]
-    grad_x = torch.empty(B, N, C, dtype=x.dtype, device=x.device) if need_gx else None
-    grad_size = torch.empty(B, N, dtype=torch.float32, device=x.device) if need_gsize else None
-    if grad_size_out is None:
-        grad_size_out = torch.zeros_like(size_out)
-    sz = size_out if size is None else size
-    consts, num_warps = _backward_config(size is not None, need_gx, need_gsize)
-    _tome_merge_backward_kernel[(B, triton.cdiv(N, consts["BLOCK_I"]))](
-        grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
-        x, x.stride(0), x.stride(1), x.stride(2), sz, sz.stride(0), sz.stride(1),
-        out, size_out, index,
-        out if grad_x is None else grad_x, size_out if grad_size is None else grad_size,
-        N, C, n_out, **consts, num_warps=num_warps)
-    return grad_x, grad_size
+    _tome_select_kernel[(B,)](score, partner, index, N, NA, NB, p, r, **consts, num_warps=num_warps)
+    return index
 
 
 class ToMeMergeFunction(torch.autograd.Function):
@@ -431,26 +226,24 @@ class ToMeMergeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, metric, r, num_prefix_tokens):
-        index, out_pos, src_pos, src_slot = _match_and_select(metric.detach(), r, num_prefix_tokens)
-        out, size_out = _merge(x, size, out_pos, src_pos, src_slot, r, num_prefix_tokens)
+        index = _match_and_select(metric.detach(), r, num_prefix_tokens)
+        out, size_out, wsum = weighted_merge(x, None, size, index, x.shape[1] - r, False)
         ctx.mark_non_differentiable(index)
         if size is None:
             ctx.mark_non_differentiable(size_out)
-        ctx.save_for_backward(x, size, out, size_out, index)
+        ctx.save_for_backward(x, size, out, wsum, index)
         return out, size_out, index
 
     @staticmethod
     def backward(ctx, grad_out, grad_size_out, grad_index):
-        x, size, out, size_out, index = ctx.saved_tensors
+        x, size, out, wsum, index = ctx.saved_tensors
         need_gx = ctx.needs_input_grad[0]
         need_gsize = size is not None and ctx.needs_input_grad[1]
         if not (need_gx or need_gsize):
             return None, None, None, None, None
-        grad_x, grad_size = _merge_backward(grad_out, grad_size_out, x, size, out, size_out, index,
-                                            need_gx, need_gsize)
+        grad_x, _, grad_size = weighted_merge_backward(grad_out, grad_size_out, x, out, index, wsum, None, size,
+                                                       False, need_gx, False, need_gsize)
         return grad_x, grad_size, None, None, None
-
-
 
 
 def tome_merge_triton(x: torch.Tensor, r: int, metric: Optional[torch.Tensor] = None,
@@ -494,13 +287,10 @@ def tome_merge_triton(x: torch.Tensor, r: int, metric: Optional[torch.Tensor] = 
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/aot.py): typical ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def _aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        t = _PTR[dtype]
+        t = PTR[dtype]
         tag = str(dtype).replace("torch.", "")
         consts, warps = _match_config()
         specs.append(KernelSpec(
@@ -509,31 +299,14 @@ def _aot_specs() -> list[KernelSpec]:
                  score_ptr="*fp32", partner_ptr="*i32", NA="i32", NB="i32", CM="i32", P="i32"),
             consts, warps))
         for has_size in (False, True):
-            consts, warps = _merge_config(has_size)
-            specs.append(KernelSpec(
-                f"tome_merge[{tag},{'size' if has_size else 'ones'}]", _tome_merge_kernel,
-                dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                     size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                     out_pos_ptr="*i32", src_pos_ptr="*i32", src_slot_ptr="*i32",
-                     out_ptr=t, size_out_ptr="*fp32", C="i32", R="i32", N_OUT="i32", FIRST_DST="i32"),
-                consts, warps))
-        consts, warps = _backward_config(True, True, True)
-        specs.append(KernelSpec(
-            f"tome_merge_backward[{tag},size]", _tome_merge_backward_kernel,
-            dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
-                 grad_size_out_ptr="*fp32", stride_hb="i32", stride_hn="i32",
-                 x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                 size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                 out_ptr=t, size_out_ptr="*fp32", index_ptr="*i64",
-                 grad_x_ptr=t, grad_size_ptr="*fp32", N="i32", C="i32", N_OUT="i32"),
-            consts, warps))
+            specs.append(merge_spec(f"tome_merge[{tag},{'size' if has_size else 'ones'}]", dtype, has_size, False))
+        specs.append(backward_spec(f"tome_merge_backward[{tag},size]", dtype, True, False, True, False, True))
     for N in (197, 577, 2049):  # ViT/16 at 224 and 384 px with the class token, and a large input
         consts, warps = _select_config((N + 1) // 2)
         specs.append(KernelSpec(
             f"tome_select[N={N}]", _tome_select_kernel,
-            dict(score_ptr="*fp32", partner_ptr="*i32", index_ptr="*i64", out_pos_ptr="*i32",
-                 src_pos_ptr="*i32", src_slot_ptr="*i32", N="i32", NA="i32", NB="i32", P="i32",
-                 R="i32", N_OUT="i32"),
+            dict(score_ptr="*fp32", partner_ptr="*i32", index_ptr="*i64", N="i32", NA="i32", NB="i32",
+                 P="i32", R="i32"),
             consts, warps))
     return specs
 

@@ -359,8 +359,8 @@ def test_triton_op_form_hands_the_kernels_to_the_compiler():
     launches = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("KERNEL ")]
     assert launches == [
         ["_mstm_select_match_kernel", "['index_ptr']"],
-        ["_mstm_weighted_merge_kernel", "['out_ptr', 'size_out_ptr', 'wsum_ptr']"],
-        ["_mstm_merge_backward_kernel", "['grad_scores_ptr']"],  # only the gradient asked for
+        ["_weighted_merge_kernel", "['out_ptr', 'size_out_ptr', 'wsum_ptr']"],
+        ["_weighted_merge_backward_kernel", "['grad_scores_ptr']"],  # only the gradient asked for
     ]
 
 
@@ -383,7 +383,7 @@ def test_cuda_inductor_fullgraph(method):
     _assert_same_state(_state(model), want_state)
     if method == "merge":  # Inductor launches fastprune's kernels itself (triton_op), not an opaque op
         source = "\n".join(code)
-        assert "_mstm_select_match_kernel" in source and "_mstm_weighted_merge_kernel" in source
+        assert "_mstm_select_match_kernel" in source and "_weighted_merge_kernel" in source
 
 
 @requires_cuda

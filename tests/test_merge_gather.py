@@ -1,10 +1,40 @@
-"""The MSTM weighted merge as a gather: a NaN/inf token reaches only its output row, lone tokens are
-copied bit-exactly, and results do not depend on the run (Triton kernel, interpreted on CPU)."""
+"""The weighted merge as a gather (kernels/weighted_merge.py), through MSTM and ToMe: a NaN/inf token
+reaches only its output row, lone tokens are copied bit-exactly, and results do not depend on the
+run (Triton kernels, interpreted on CPU)."""
 import pytest
 import torch
 
 import fastprune
 from fastprune.kernels.merge import mstm_merge_triton
+from fastprune.kernels.tome import tome_merge_triton
+from fastprune.tome import tome_merge_reference
+
+
+def _assert_non_finite_only_in_row_of(got, j):
+    """Only the output row that token ``j`` of image 0 went to is non-finite."""
+    nonfinite = ~torch.isfinite(got.x.float()).all(-1)
+    expected = torch.zeros_like(nonfinite)
+    expected[0, got.index[0, j]] = True
+    assert torch.equal(nonfinite, expected)
+
+
+def _assert_lone_tokens_copied(got, again, x, size):
+    """Same results twice; every output that received one token is that token; sizes add up.
+    Returns the number of such outputs."""
+    B, N = got.index.shape
+    S = got.x.shape[1]
+    assert torch.equal(got.x, again.x) and torch.equal(got.size, again.size) and torch.equal(got.index, again.index)
+    counts = torch.zeros(B, S, dtype=torch.long, device=x.device).scatter_add_(1, got.index,
+                                                                              torch.ones_like(got.index))
+    n_lone = 0
+    for b in range(B):
+        for s in (counts[b] == 1).nonzero().flatten().tolist():
+            i = (got.index[b] == s).nonzero().item()
+            assert torch.equal(got.x[b, s], x[b, i])
+            n_lone += 1
+    ones = torch.ones(B, N, device=x.device) if size is None else size
+    torch.testing.assert_close(got.size, torch.zeros(B, S, device=x.device).scatter_add(1, got.index, ones))
+    return n_lone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -20,10 +50,7 @@ def test_non_finite_token_stays_in_its_output_row(device, dtype, bad, p, r):
     got = mstm_merge_triton(x, scores, r, metric=metric, num_prefix_tokens=p)
     ref = fastprune.merge_tokens(x, scores, r, metric=metric, num_prefix_tokens=p, backend="reference")
     assert torch.equal(got.index, ref.index)
-    nonfinite = ~torch.isfinite(got.x.float()).all(-1)
-    expected = torch.zeros_like(nonfinite)
-    expected[0, got.index[0, j]] = True
-    assert torch.equal(nonfinite, expected)
+    _assert_non_finite_only_in_row_of(got, j)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -34,14 +61,33 @@ def test_lone_tokens_bit_identical_and_deterministic(device, dtype):
     size = torch.randint(1, 5, (B, N), device=device).float()
     got = mstm_merge_triton(x, scores, r, size=size, weight="size_attn")
     again = mstm_merge_triton(x, scores, r, size=size, weight="size_attn")
-    assert torch.equal(got.x, again.x) and torch.equal(got.size, again.size)
-    counts = torch.zeros(B, N - r, dtype=torch.long, device=device).scatter_add_(1, got.index,
-                                                                                torch.ones_like(got.index))
-    for b in range(B):
-        for s in (counts[b] == 1).nonzero().flatten().tolist():
-            i = (got.index[b] == s).nonzero().item()
-            assert torch.equal(got.x[b, s], x[b, i])
-    torch.testing.assert_close(got.size, torch.zeros(B, N - r, device=device).scatter_add(1, got.index, size))
+    _assert_lone_tokens_copied(got, again, x, size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("p,r,j", [(1, 3, 21), (0, 1, 4), (2, 9, 8), (1, 5, 1)])
+def test_tome_non_finite_token_stays_in_its_output_row(device, dtype, bad, p, r, j):
+    """``j`` even: an A token (merged or kept); odd: a B token (a destination or not)."""
+    B, N, C = 2, 23, 40
+    x = torch.randn(B, N, C, device=device).to(dtype)
+    metric = torch.randn(B, N, C, device=device)  # finite: the matching does not see the bad value
+    x[0, j, 3] = bad
+    got = tome_merge_triton(x, r, metric=metric, num_prefix_tokens=p)
+    assert torch.equal(got.index, tome_merge_reference(x, r, metric=metric, num_prefix_tokens=p).index)
+    _assert_non_finite_only_in_row_of(got, j)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_size", [False, True])
+def test_tome_lone_tokens_bit_identical_and_deterministic(device, dtype, with_size):
+    B, N, C, r = 3, 31, 24, 6
+    x = torch.randn(B, N, C, device=device).to(dtype)
+    size = torch.randint(1, 5, (B, N), device=device).float() if with_size else None
+    got = tome_merge_triton(x, r, size=size)
+    again = tome_merge_triton(x, r, size=size)
+    assert torch.equal(got.index, tome_merge_reference(x, r, size=size).index)
+    assert _assert_lone_tokens_copied(got, again, x, size) >= B * (N - 3 * r)  # most outputs absorb nothing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -54,7 +100,4 @@ def test_evit_kept_non_finite_token_does_not_reach_the_fused_token(device, dtype
     j = int(scores[0, 1:].argmax()) + 1  # the most attended patch: always kept
     x[0, j, 0] = float("nan")
     got = evit_triton(x, scores, 9)
-    nonfinite = ~torch.isfinite(got.x.float()).all(-1)
-    expected = torch.zeros_like(nonfinite)
-    expected[0, got.index[0, j]] = True
-    assert torch.equal(nonfinite, expected)
+    _assert_non_finite_only_in_row_of(got, j)

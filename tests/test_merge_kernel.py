@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE
 from fastprune import merge_tokens
 from fastprune.kernels import merge as merge_kernels
+from fastprune.kernels import weighted_merge
 from fastprune.kernels.merge import mstm_merge_triton
 from fastprune.reference import mstm_merge
 
@@ -233,10 +234,12 @@ def test_only_scores_require_grad():
 
 
 def _count_launches(monkeypatch):
-    """Count kernel launches of kernels/merge.py's kernels (interpreted or compiled)."""
+    """Count launches of the MSTM kernels: kernels/merge.py's selection and kernels/weighted_merge.py's
+    merge (interpreted or compiled)."""
     calls = []
-    for name in ("_mstm_select_match_kernel", "_mstm_weighted_merge_kernel", "_mstm_merge_backward_kernel"):
-        kernel = getattr(merge_kernels, name)
+    for module, name in ((merge_kernels, "_mstm_select_match_kernel"), (weighted_merge, "_weighted_merge_kernel"),
+                         (weighted_merge, "_weighted_merge_backward_kernel")):
+        kernel = getattr(module, name)
         original = kernel.run
 
         def run(*args, _original=original, _name=name, **kwargs):
@@ -253,9 +256,9 @@ def test_two_launches_forward_one_backward(monkeypatch):
     x.requires_grad_()
     scores.requires_grad_()
     out = mstm_merge_triton(x, scores, 5, size=size, weight="size_attn")
-    assert calls == ["_mstm_select_match_kernel", "_mstm_weighted_merge_kernel"]
+    assert calls == ["_mstm_select_match_kernel", "_weighted_merge_kernel"]
     out.x.float().sum().backward()
-    assert calls[2:] == ["_mstm_merge_backward_kernel"]
+    assert calls[2:] == ["_weighted_merge_backward_kernel"]
 
 
 def test_front_door_triton_backend():

@@ -1,0 +1,379 @@
+"""The weighted merge every merging method ends with (MSTM, ToMe, BAT): Triton kernels and launchers.
+
+Given an index map ``index [B, N]`` that sends input token ``i`` to output token ``d_i`` in
+``[0, S)`` (every output receives at least one token), weights ``w_i`` and sizes ``s_i``:
+
+    ``x'_d = sum_{i -> d} (w_i / W_d) x_i``,  ``W_d = sum_{i -> d} w_i``,  ``s'_d = sum_{i -> d} s_i``,
+
+with ``w = size`` or ``w = size * max(score, WEIGHT_EPS)`` (``size_attn``), size 1 when none is given.
+Each weight is divided by its total (IEEE ``tl.div_rn``) *before* the sum, so an output that
+receives one token is that token, bit for bit. The tokens of an output are summed in increasing
+input position (deterministic, no atomics). Nothing is multiplied into a row it is not merged
+into, so a NaN or inf in one token reaches only its own output row.
+
+The methods differ only in the index map they build (MSTM: kept tokens in order, sources to their
+most similar kept token; ToMe: prefix, unmerged A tokens, B tokens, merged A tokens to their B
+partner; BAT: survivors, pairs and clusters), so one forward kernel and one backward kernel serve
+them all:
+
+* :func:`_weighted_merge_kernel` (grid ``(B, cdiv(S, ROWS), cdiv(C, BLOCK_C))``): a gather. A program
+  owns ``ROWS`` output rows and ``BLOCK_C`` channels; it reads the image's index row once, finds
+  the tokens sent to each of its rows, and reads each of those token rows once.
+* :func:`_weighted_merge_backward_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): a program owns
+  ``BLOCK_I`` input tokens and gathers the output gradient of each token's destination.
+
+All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16); offsets are int64.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastprune.reference import WEIGHT_EPS
+
+from . import interpreting
+from .aot import KernelSpec
+
+__all__ = ["weighted_merge", "weighted_merge_backward", "merge_spec", "backward_spec", "wrap_triton",
+           "KERNELS_TRACEABLE", "PTR"]
+
+#: Whether ``@triton.jit`` made interpreted kernels: Triton reads ``TRITON_INTERPRET`` once, when the
+#: kernels are decorated, so later changes of the variable do not change what they are.
+KERNELS_INTERPRETED = interpreting()
+#: Compiled kernels and a torch with ``triton_op``/``wrap_triton`` (2.6+): launches can be traced.
+KERNELS_TRACEABLE = (not KERNELS_INTERPRETED and hasattr(torch.library, "triton_op")
+                     and hasattr(torch.library, "wrap_triton"))
+
+#: Triton pointer type of each storage dtype (ahead-of-time specs).
+PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton(kernel)``: the kernel, launchable so that tracing records it.
+
+    Inside a :func:`torch.library.triton_op` this makes the launch visible to ``torch.compile`` and
+    ``make_fx``; in a plain eager call torch hands back the kernel unchanged. Under the Triton
+    interpreter, or with a torch older than 2.6, the kernel itself (interpreted kernels carry none
+    of the metadata torch's wrapper needs; the operators are then opaque custom ops).
+    """
+    if not KERNELS_TRACEABLE:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device helper
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _merge_weights(scores_row_ptr, stride_sn, size_row_ptr, stride_zn, offs, valid,
+                   HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr):
+    """Merge weights and sizes (float32, 0 outside ``valid``) of the tokens at positions ``offs``.
+
+    ``w = size`` or, with ``SIZE_ATTN``, ``w = size * max(score, W_EPS)``; size is 1 without ``HAS_SIZE``.
+    """
+    if HAS_SIZE:
+        size = tl.load(size_row_ptr + offs * stride_zn, mask=valid, other=0.0).to(tl.float32)
+    else:
+        size = tl.where(valid, 1.0, 0.0)
+    if SIZE_ATTN:
+        s = tl.load(scores_row_ptr + offs * stride_sn, mask=valid, other=0.0).to(tl.float32)
+        w = size * tl.maximum(s, W_EPS)
+    else:
+        w = size
+    return w, size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _next_token(cand, prev, BLOCK_N: tl.constexpr):
+    """Per row of ``cand [ROWS, BLOCK_N]`` (a token position, or BLOCK_N): the smallest position above
+    ``prev [ROWS]`` (BLOCK_N if none)."""
+    return tl.min(tl.where(cand > prev[:, None], cand, BLOCK_N), axis=1)
+
+
+@triton.jit
+def _weighted_merge_kernel(
+        x_ptr, stride_xb, stride_xn, stride_xc,
+        scores_ptr, stride_sb, stride_sn,
+        size_ptr, stride_zb, stride_zn,
+        index_ptr, out_ptr, size_out_ptr, wsum_ptr,
+        N, C, S,
+        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
+        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, C_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Weighted merge of output rows ``s0 .. s0 + ROWS`` x channels ``c0 .. c0 + C_SPLIT`` of one image.
+
+    One program (image ``b``):
+
+    1. loads the image's index row (``BLOCK_N >= N`` entries, int32 in registers) and compares it
+       with its rows: ``cand [ROWS, BLOCK_N]``, the position of each token sent to a row;
+    2. walks the tokens of its rows in increasing position, all rows at once: round ``m`` takes the
+       ``m``-th token of each row (the smallest hit position above the previous one) and reads its
+       weight and size, giving ``W_s`` and ``size'_s``. Rounds: the most tokens any row of the tile
+       receives (1 for a tile whose rows only keep their own token);
+    3. for each ``BLOCK_C`` chunk of its channels, walks the same tokens again (the first one is
+       kept from step 2) and adds ``(w_i / W_s) x_i``: a ``[ROWS, BLOCK_C]`` gather of the token rows
+       (contiguous along C); a row with fewer tokens than the round loads nothing.
+
+    Memory traffic: every input row once (``N C`` elements over the image's programs), every output
+    element written once (``S C``), plus the ``N`` indices per program (L2). Stores ``x'`` in the
+    output dtype, ``size'`` and ``W`` (float32, ``W`` for the backward pass; by ``pid_c == 0``).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    score_row = scores_ptr + pid_b * stride_sb
+    size_row = size_ptr + pid_b * stride_zb
+    x_img = x_ptr + pid_b * stride_xb
+    offs_n = tl.arange(0, BLOCK_N)
+    dest = tl.load(index_ptr + pid_b * N + offs_n, mask=offs_n < N, other=-1).to(tl.int32)
+    rows = pid_s * ROWS + tl.arange(0, ROWS)
+    valid_r = rows < S
+    # the positions of the tokens sent to each row (rows >= S receive nothing), BLOCK_N elsewhere
+    cand = tl.where(dest[None, :] == rows[:, None], offs_n[None, :], BLOCK_N)
+    rounds = tl.max(tl.sum((cand < BLOCK_N).to(tl.int32), axis=1), axis=0)
+
+    # 2. weight totals and sizes, summed in increasing position.
+    first = _next_token(cand, tl.full([ROWS], -1, tl.int32), BLOCK_N)
+    w_first, ssum = _merge_weights(score_row, stride_sn, size_row, stride_zn, first, first < N,
+                                   HAS_SIZE, SIZE_ATTN, W_EPS)
+    wsum = w_first
+    prev = first
+    for _m in range(1, rounds):
+        cur = _next_token(cand, prev, BLOCK_N)
+        w_cur, s_cur = _merge_weights(score_row, stride_sn, size_row, stride_zn, cur, cur < N,
+                                      HAS_SIZE, SIZE_ATTN, W_EPS)
+        wsum += w_cur
+        ssum += s_cur
+        prev = cur
+    denom = tl.where(wsum > 0.0, wsum, 1.0)
+    share_first = tl.div_rn(w_first, denom)
+    first_rows = x_img + first.to(tl.int64) * stride_xn
+
+    # 3. the weighted sum, chunk by chunk.
+    out_rows = out_ptr + (pid_b * S + rows.to(tl.int64)) * C
+    offs_c = tl.arange(0, BLOCK_C)
+    for c0 in range(pid_c * C_SPLIT, tl.minimum(C, (pid_c + 1) * C_SPLIT), BLOCK_C):
+        cmask = (c0 + offs_c) < C
+        x_first = tl.load(first_rows[:, None] + (c0 + offs_c)[None, :] * stride_xc,
+                          mask=(first < N)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc = share_first[:, None] * x_first
+        prev = first
+        for _m in range(1, rounds):
+            cur = _next_token(cand, prev, BLOCK_N)
+            has = cur < N
+            w_cur, _s = _merge_weights(score_row, stride_sn, size_row, stride_zn, cur, has,
+                                       HAS_SIZE, SIZE_ATTN, W_EPS)
+            x_cur = tl.load(x_img + cur.to(tl.int64)[:, None] * stride_xn + (c0 + offs_c)[None, :] * stride_xc,
+                            mask=has[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.div_rn(w_cur, denom)[:, None] * x_cur
+            prev = cur
+        tl.store(out_rows[:, None] + (c0 + offs_c)[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid_r[:, None] & cmask[None, :])
+    if pid_c == 0:
+        tl.store(size_out_ptr + pid_b * S + rows, ssum, mask=valid_r)
+        tl.store(wsum_ptr + pid_b * S + rows, wsum, mask=valid_r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _weighted_merge_backward_kernel(
+        grad_out_ptr, stride_gb, stride_gn, stride_gc,
+        grad_size_out_ptr, stride_hb, stride_hn,
+        x_ptr, stride_xb, stride_xn, stride_xc,
+        out_ptr, index_ptr, wsum_ptr,
+        scores_ptr, stride_sb, stride_sn,
+        size_ptr, stride_zb, stride_zn,
+        grad_x_ptr, grad_scores_ptr, grad_size_ptr,
+        N, C, S,
+        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
+        NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, NEED_GSCORES: tl.constexpr,
+        NEED_GSIZE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gradients of the weighted merge for one tile of ``BLOCK_I`` input tokens of one image.
+
+    With ``d = index[b, i]``, ``share_i = w_i / W_d`` and ``g = dL/dx'``, one program computes, in
+    ``BLOCK_C`` chunks of channels:
+
+    * ``dL/dx_i = share_i * g[d]`` (stored in x's dtype);
+    * ``dL/dw_i = <g[d], x_i - x'_d> / W_d`` (since ``dx'_d/dw_i = (x_i - x'_d) / W_d``), then maps it
+      onto the inputs of ``w``: ``dL/dscore_i = dL/dw_i * size_i * [score_i >= eps]`` (``size_attn``)
+      and ``dL/dsize_i = dL/dw_i * dw_i/dsize_i + dL/dsize'_d`` (sizes add up).
+
+    Each input token belongs to exactly one destination, so every gradient element is written by one
+    program: no atomics. Memory traffic per program: ``BLOCK_I`` rows of ``g`` (gathered), ``x`` and
+    ``x'`` (gathered, only when a weight gradient is needed), ``BLOCK_I`` rows of ``dL/dx`` written.
+    ``x'`` is the stored output, so for half-precision tokens ``dL/dw`` carries that rounding.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    valid_i = offs_i < N
+    score_row = scores_ptr + pid_b * stride_sb
+    size_row = size_ptr + pid_b * stride_zb
+    dest = tl.load(index_ptr + pid_b * N + offs_i, mask=valid_i, other=0).to(tl.int64)
+    wsum = tl.load(wsum_ptr + pid_b * S + dest, mask=valid_i, other=1.0)
+    w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_i, valid_i,
+                             HAS_SIZE, SIZE_ATTN, W_EPS)
+    share = tl.div_rn(w, wsum)  # IEEE, as in the forward: a lone token's gradient is g exactly
+
+    offs_c = tl.arange(0, BLOCK_C)
+    rows_i = offs_i.to(tl.int64)
+    dw = tl.zeros([BLOCK_I], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cmask = (c0 + offs_c) < C
+        mask = valid_i[:, None] & cmask[None, :]
+        g = tl.load(grad_out_ptr + pid_b * stride_gb + dest[:, None] * stride_gn + (c0 + offs_c)[None, :] * stride_gc,
+                    mask=mask, other=0.0).to(tl.float32)
+        if NEED_GX:
+            tl.store(grad_x_ptr + (pid_b * N + rows_i)[:, None] * C + (c0 + offs_c)[None, :],
+                     (share[:, None] * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if NEED_GW:
+            xi = tl.load(x_ptr + pid_b * stride_xb + rows_i[:, None] * stride_xn + (c0 + offs_c)[None, :] * stride_xc,
+                         mask=mask, other=0.0).to(tl.float32)
+            xd = tl.load(out_ptr + (pid_b * S + dest)[:, None] * C + (c0 + offs_c)[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
+            dw += tl.sum(g * (xi - xd), axis=1)
+
+    if NEED_GW:
+        gw = tl.div_rn(dw, wsum)
+        if SIZE_ATTN:
+            s = tl.load(score_row + offs_i * stride_sn, mask=valid_i, other=0.0).to(tl.float32)
+            if NEED_GSCORES:
+                tl.store(grad_scores_ptr + pid_b * N + offs_i, tl.where(s >= W_EPS, gw * size, 0.0), mask=valid_i)
+            gw_size = gw * tl.maximum(s, W_EPS)
+        else:
+            gw_size = gw
+        if NEED_GSIZE:
+            gso = tl.load(grad_size_out_ptr + pid_b * stride_hb + dest * stride_hn, mask=valid_i,
+                          other=0.0).to(tl.float32)
+            tl.store(grad_size_ptr + pid_b * N + offs_i, gw_size + gso, mask=valid_i)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration (shared with the ahead-of-time compile specs below)
+# ----------------------------------------------------------------------------------------------------
+def merge_config(N: int, C: int, has_size: bool, size_attn: bool) -> tuple[dict, int]:
+    """8 output rows x 256 channels a program, in ``[8, 128]`` chunks; the whole index row in one
+    ``[8, BLOCK_N]`` comparison tile (that tile, not the chunk, sets the registers: 64 on sm_90 at
+    N = 197 with 8 warps, 32 warps resident per SM)."""
+    block_n = max(16, triton.next_power_of_2(N))
+    block_c = min(128, max(16, triton.next_power_of_2(C)))
+    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=8,
+                  C_SPLIT=2 * block_c, BLOCK_C=block_c)
+    return consts, (4 if block_n <= 64 else 8)
+
+
+def backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscores: bool,
+                    need_gsize: bool) -> tuple[dict, int]:
+    """``[16, 64]`` tiles, 8 warps: 40 registers on sm_90 as the JIT specialises it (104 generic)."""
+    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, NEED_GX=need_gx,
+                  NEED_GW=need_gscores or need_gsize, NEED_GSCORES=need_gscores, NEED_GSIZE=need_gsize,
+                  BLOCK_I=16, BLOCK_C=64)
+    return consts, 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def weighted_merge(x: torch.Tensor, scores: Optional[torch.Tensor], size: Optional[torch.Tensor],
+                   index: torch.Tensor, n_out: int, size_attn: bool, *,
+                   traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward launch: ``(x' [B, S, C] in x's dtype, size' [B, S] fp32, W [B, S] fp32)``, ``S = n_out``.
+
+    ``x [B, N, C]`` any strides; ``scores [B, N]`` fp32 (read only with ``size_attn``; may be None
+    without it); ``size [B, N]`` fp32 or None for ones; ``index [B, N]`` int64, contiguous, values in
+    ``[0, S)``. ``traceable=True`` launches through :func:`wrap_triton` (inside a ``triton_op``);
+    False launches the kernel directly, for eager callers outside an operator (autograd Functions).
+    """
+    B, N, C = x.shape
+    out = torch.empty(B, n_out, C, dtype=x.dtype, device=x.device)
+    size_out = torch.empty(B, n_out, dtype=torch.float32, device=x.device)
+    wsum = torch.empty(B, n_out, dtype=torch.float32, device=x.device)
+    sc = size_out if scores is None else scores  # valid pointers when unused (never read then)
+    sz = sc if size is None else size
+    consts, num_warps = merge_config(N, C, size is not None, size_attn)
+    grid = (B, triton.cdiv(n_out, consts["ROWS"]), triton.cdiv(C, consts["C_SPLIT"]))
+    kernel = wrap_triton(_weighted_merge_kernel) if traceable else _weighted_merge_kernel
+    kernel[grid](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        sc, sc.stride(0), sc.stride(1),
+        sz, sz.stride(0), sz.stride(1),
+        index, out, size_out, wsum, N, C, n_out, **consts, num_warps=num_warps)
+    return out, size_out, wsum
+
+
+def weighted_merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores, size, size_attn: bool,
+                            need_gx: bool, need_gscores: bool, need_gsize: bool, *, traceable: bool = False):
+    """The backward launch: ``(grad_x [B, N, C] in x's dtype, grad_scores [B, N], grad_size [B, N])``
+    (float32), None for those not asked for.
+
+    ``out``, ``index`` and ``wsum`` are :func:`weighted_merge`'s (contiguous); ``grad_size_out`` may be
+    None (zeros). ``scores`` may be None without ``size_attn``. ``traceable``: as for :func:`weighted_merge`.
+    """
+    B, N, C = x.shape
+    S = out.shape[1]
+    if grad_size_out is None:
+        grad_size_out = torch.zeros_like(wsum)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_gx else None
+    grad_scores = torch.empty(B, N, dtype=torch.float32, device=x.device) if need_gscores else None
+    grad_size = torch.empty(B, N, dtype=torch.float32, device=x.device) if need_gsize else None
+    sc = wsum if scores is None else scores
+    sz = sc if size is None else size
+    consts, num_warps = backward_config(size is not None, size_attn, need_gx, need_gscores, need_gsize)
+    grid = (B, triton.cdiv(N, consts["BLOCK_I"]))
+    kernel = wrap_triton(_weighted_merge_backward_kernel) if traceable else _weighted_merge_backward_kernel
+    kernel[grid](
+        grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
+        x, x.stride(0), x.stride(1), x.stride(2),
+        out, index, wsum,
+        sc, sc.stride(0), sc.stride(1),
+        sz, sz.stride(0), sz.stride(1),
+        # pointers of gradients not asked for are never written (NEED_* constexprs)
+        x if grad_x is None else grad_x,
+        wsum if grad_scores is None else grad_scores,
+        wsum if grad_size is None else grad_size,
+        N, C, S, **consts, num_warps=num_warps)
+    return grad_x, grad_scores, grad_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs: each method file registers the instantiations its launcher uses
+# ----------------------------------------------------------------------------------------------------
+def merge_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool, N: int = 197,
+               C: int = 768) -> KernelSpec:
+    """The forward kernel as :func:`weighted_merge` launches it for ``N`` tokens of ``C`` channels."""
+    t = PTR[dtype]
+    consts, warps = merge_config(N, C, has_size, size_attn)
+    return KernelSpec(
+        name, _weighted_merge_kernel,
+        dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
+             scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+             size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
+             index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
+             N="i32", C="i32", S="i32"),
+        consts, warps)
+
+
+def backward_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool, need_gx: bool = True,
+                  need_gscores: bool = True, need_gsize: bool = True) -> KernelSpec:
+    """The backward kernel as :func:`weighted_merge_backward` launches it."""
+    t = PTR[dtype]
+    consts, warps = backward_config(has_size, size_attn, need_gx, need_gscores, need_gsize)
+    return KernelSpec(
+        name, _weighted_merge_backward_kernel,
+        dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
+             grad_size_out_ptr="*fp32", stride_hb="i32", stride_hn="i32",
+             x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
+             out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
+             scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
+             size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
+             grad_x_ptr=t, grad_scores_ptr="*fp32", grad_size_ptr="*fp32",
+             N="i32", C="i32", S="i32"),
+        consts, warps)
