@@ -11,14 +11,14 @@ arithmetic in float32):
    paper) or ``w_i = a_i / max(sum_j a_j, eps)`` (``normalize``); its size is the sum of their sizes;
 3. output: prefix tokens and kept tokens in their original order, then the fused token.
 
-Forward = ONE launch, :func:`_evit_fwd_kernel` (grid ``(B, cdiv(C, BLOCK_C))``): selection, output
-slots, the copy of the kept tokens, the fused token, sizes and the index map.
+Forward = two launches: the top-k selection (:func:`~fastprune.kernels.select.select_topk_triton`,
+grid ``(B,)``, once per image), which writes the index map (kept tokens: their output slot; the
+others: ``p + K``, the fused token), then :func:`_evit_fwd_kernel` (grid ``(B, cdiv(C, BLOCK_C))``):
+the copy of the kept tokens, the fused token and the sizes.
 Backward = ONE launch, :func:`_evit_bwd_kernel` (same grid): ``dL/dx`` and per-channel-block partial
 sums of ``dL/da``, which the host adds up over the (usually one to three) channel blocks.
 
-All arithmetic is float32 whatever the storage dtype; deterministic, no atomics. The top-k selection
-is sort-free: :func:`order_keys` gives every score an order-preserving unique integer key and
-:func:`kth_largest_key` finds the threshold of the top ``K`` by a bitwise search.
+All arithmetic is float32 whatever the storage dtype; deterministic, no atomics, no sort.
 """
 from __future__ import annotations
 
@@ -32,83 +32,33 @@ from fastprune.reference import WEIGHT_EPS, Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
+from .select import select_topk_triton
 
 __all__ = ["evit_triton", "EViTFunction"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device helpers
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def order_keys(values, offs, member, IDX_BITS: tl.constexpr):
-    """Unique int64 keys that sort like the float32 ``values`` (larger first), ties to the lower index.
-
-    ``key = mono(value) << IDX_BITS | (2**IDX_BITS - 1 - offs)``, where ``mono`` maps the float32 bit
-    pattern to an unsigned 32-bit integer with the same order (``-0.0`` first becomes ``+0.0``;
-    ``-inf`` is the smallest value). Tokens outside ``member`` get ``-1``, below every key.
-    ``offs`` must be ``< 2**IDX_BITS``.
-    """
-    v = tl.where(values == 0.0, 0.0, values).to(tl.float32)
-    bits = v.to(tl.int32, bitcast=True).to(tl.int64)
-    mono = tl.where(bits >= 0, bits + 2147483648, 2147483647 - (bits & 2147483647))
-    key = (mono << IDX_BITS) + ((1 << IDX_BITS) - 1 - offs).to(tl.int64)
-    return tl.where(member, key, -1)
-
-
-@triton.jit
-def kth_largest_key(keys, K, IDX_BITS: tl.constexpr):
-    """The ``K``-th largest of the unique non-negative int64 ``keys`` (a threshold: ``keys >= T`` selects
-    exactly the top ``K``; ``K == 0`` gives a threshold above every key).
-
-    Greedy bitwise search from the high bit (``32 + IDX_BITS``; prefix keys may use bit 32 of
-    ``mono``) down: keep a bit in ``T`` if at least ``K`` keys are ``>= T | bit``. ``33 + IDX_BITS``
-    row reductions, no sort.
-    """
-    thresh = tl.sum(keys * 0, axis=0)  # int64 scalar 0
-    for it in range(33 + IDX_BITS):
-        bit = thresh * 0 + (32 + IDX_BITS - it)  # int64 in the compiler and the interpreter
-        cand = thresh | (thresh * 0 + 1) << bit
-        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
-        thresh = tl.where(count >= K, cand, thresh)
-    return thresh
-
-
-@triton.jit
-def _selection_keys(score_row, stride_sn, offs, N, P, IDX_BITS: tl.constexpr):
-    """Keys of the class attention at ``offs``: prefix tokens above every score, ``-1`` past ``N``."""
-    valid = offs < N
-    s = tl.load(score_row + offs * stride_sn, mask=valid, other=0.0).to(tl.float32)
-    keys = order_keys(s, offs, valid, IDX_BITS)
-    prefix_key = (tl.full(offs.shape, 1, tl.int64) << (32 + IDX_BITS)) + ((1 << IDX_BITS) - 1 - offs).to(tl.int64)
-    return tl.where(valid & (offs < P), prefix_key, keys)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Forward: selection + copy of the kept tokens + fusion, one launch
+# Forward: copy of the kept tokens + fusion, one launch after the selection
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _evit_fwd_kernel(
         x_ptr, stride_xb, stride_xn, stride_xc,
         scores_ptr, stride_sb, stride_sn,
         size_ptr, stride_zb, stride_zn,
-        out_ptr, size_out_ptr, index_ptr, wsum_ptr,
+        index_ptr, out_ptr, size_out_ptr, wsum_ptr,
         N, C, P, K,
-        NORMALIZE: tl.constexpr, W_EPS: tl.constexpr, BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """EViT for one image ``b`` and one block of ``BLOCK_C`` channels.
+        NORMALIZE: tl.constexpr, W_EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """EViT for one image ``b`` and one block of ``BLOCK_C`` channels, given the index map.
 
-    One program:
+    ``index[b, i]`` (from the selection, :func:`~fastprune.kernels.select.select_topk_triton`) is a kept
+    token's output slot, or ``P + K`` (the fused token). One program walks the tokens in chunks of
+    ``BLOCK_T``: a kept token is copied to its slot, a fused token adds ``a_i x_i`` to the fused
+    accumulator (``[BLOCK_C]`` fp32) and ``a_i`` to the weight sum; then it stores the fused token at
+    slot ``P + K`` (divided by ``max(sum a, eps)`` with ``NORMALIZE``). The program with ``pid_c == 0``
+    also writes the sizes ``[P + K + 1]`` and the weight sum (kept for the backward pass).
 
-    1. loads the image's score row (``BLOCK_N >= N``, a power of two) as unique keys and finds the
-       threshold of the top ``P + K`` (prefix keys rank above every score): :func:`kth_largest_key`;
-    2. walks the tokens in chunks of ``BLOCK_T``: a kept token is copied to its output slot (kept
-       tokens before it, prefix included), a fused token adds ``a_i x_i`` to the fused accumulator
-       (``[BLOCK_C]`` fp32) and ``a_i`` to the weight sum;
-    3. stores the fused token at slot ``P + K`` (divided by ``max(sum a, eps)`` with ``NORMALIZE``).
-
-    The program with ``pid_c == 0`` also writes the sizes ``[P + K + 1]``, the index map ``[N]`` and the
-    weight sum (kept for the backward pass). Memory traffic per program: the score row, ``N x BLOCK_C``
-    input elements read once, ``(P + K + 1) x BLOCK_C`` written.
+    Memory traffic per program: ``N`` indices and scores, ``N x BLOCK_C`` input elements read once,
+    ``(P + K + 1) x BLOCK_C`` written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
@@ -119,37 +69,31 @@ def _evit_fwd_kernel(
     S = P + K + 1
     out_row = out_ptr + pid_b * S * C
 
-    thresh = kth_largest_key(_selection_keys(score_row, stride_sn, tl.arange(0, BLOCK_N), N, P, IDX_BITS),
-                             P + K, IDX_BITS)
-
     fused = tl.zeros([BLOCK_C], tl.float32)
     wsum = tl.sum(fused, axis=0) * 0.0
     size_sum = tl.sum(fused, axis=0) * 0.0
-    kept_before = tl.sum(tl.zeros([BLOCK_T], tl.int32), axis=0)
     for t0 in range(0, N, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         valid_t = offs_t < N
-        keep = _selection_keys(score_row, stride_sn, offs_t, N, P, IDX_BITS) >= thresh
-        fuse = valid_t & (keep == 0)
-        slot = kept_before + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-        kept_before += tl.sum(keep.to(tl.int32), axis=0)
+        dest = tl.load(index_ptr + pid_b * N + offs_t, mask=valid_t, other=0)
+        keep = valid_t & (dest < P + K)
+        fuse = valid_t & (dest == P + K)
 
         xt = tl.load(x_ptr + pid_b * stride_xb + offs_t[:, None] * stride_xn + offs_c[None, :] * stride_xc,
                      mask=valid_t[:, None] & cmask[None, :], other=0.0)
-        tl.store(out_row + slot[:, None] * C + offs_c[None, :], xt.to(out_ptr.dtype.element_ty),
+        tl.store(out_row + dest[:, None] * C + offs_c[None, :], xt.to(out_ptr.dtype.element_ty),
                  mask=keep[:, None] & cmask[None, :])
         a = tl.load(score_row + offs_t * stride_sn, mask=fuse, other=0.0).to(tl.float32)
         # where, not a zero weight: a NaN/inf in a kept token must not reach the fused token
         fused += tl.sum(tl.where(fuse[:, None], a[:, None] * xt.to(tl.float32), 0.0), axis=0)
         wsum += tl.sum(a, axis=0)
-        size_t = tl.load(size_row + offs_t * stride_zn, mask=valid_t, other=0.0).to(tl.float32)
-        size_sum += tl.sum(tl.where(fuse, size_t, 0.0), axis=0)
         if pid_c == 0:
-            tl.store(size_out_ptr + pid_b * S + slot, size_t, mask=keep)
-            tl.store(index_ptr + pid_b * N + offs_t, tl.where(keep, slot, P + K).to(tl.int64), mask=valid_t)
+            size_t = tl.load(size_row + offs_t * stride_zn, mask=valid_t, other=0.0).to(tl.float32)
+            size_sum += tl.sum(tl.where(fuse, size_t, 0.0), axis=0)
+            tl.store(size_out_ptr + pid_b * S + dest, size_t, mask=keep)
 
     if NORMALIZE:
-        fused = fused / tl.maximum(wsum, W_EPS)
+        fused = tl.div_rn(fused, tl.maximum(wsum, W_EPS))
     tl.store(out_row + (P + K) * C + offs_c, fused.to(out_ptr.dtype.element_ty), mask=cmask)
     if pid_c == 0:
         tl.store(size_out_ptr + pid_b * S + P + K, size_sum)
@@ -205,7 +149,7 @@ def _evit_bwd_kernel(
         if NEED_GX:
             a = tl.load(score_row + offs_t * stride_sn, mask=fuse, other=0.0).to(tl.float32)
             if NORMALIZE:
-                a = a / denom
+                a = tl.div_rn(a, denom)
             g = tl.load(gout_row + dest[:, None] * stride_gn + offs_c[None, :] * stride_gc, mask=mask,
                         other=0.0).to(tl.float32)
             gx = tl.where(fuse[:, None], a[:, None] * g, g)
@@ -215,7 +159,8 @@ def _evit_bwd_kernel(
             xt = tl.load(x_ptr + pid_b * stride_xb + offs_t[:, None] * stride_xn + offs_c[None, :] * stride_xc,
                          mask=fuse[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             if NORMALIZE:
-                ga = tl.sum(tl.where(fuse[:, None], g_f[None, :] * (xt - y_f[None, :]), 0.0), axis=1) / denom
+                ga = tl.sum(tl.where(fuse[:, None], g_f[None, :] * (xt - y_f[None, :]), 0.0), axis=1)
+                ga = tl.div_rn(ga, denom)
             else:
                 ga = tl.sum(g_f[None, :] * xt, axis=1)
             tl.store(grad_part_ptr + (pid_b * NUM_CB + pid_c) * N + offs_t, ga, mask=valid_t)
@@ -228,11 +173,9 @@ def _block_c(C: int) -> int:
     return max(16, min(64, triton.next_power_of_2(C)))
 
 
-def _fwd_config(N: int, C: int, normalize: bool) -> tuple[dict, int]:
-    block_n = max(16, triton.next_power_of_2(N))
-    consts = dict(NORMALIZE=normalize, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1,
-                  BLOCK_T=32, BLOCK_C=_block_c(C))
-    return consts, (4 if block_n <= 1024 else 8)
+def _fwd_config(C: int, normalize: bool) -> tuple[dict, int]:
+    consts = dict(NORMALIZE=normalize, W_EPS=WEIGHT_EPS, BLOCK_T=32, BLOCK_C=_block_c(C))
+    return consts, 4
 
 
 def _bwd_config(C: int, normalize: bool, need_gx: bool, need_ga: bool) -> tuple[dict, int]:
@@ -247,17 +190,17 @@ def _bwd_config(C: int, normalize: bool, need_gx: bool, need_ga: bool) -> tuple[
 def _evit_forward(x, scores, size, K, p, normalize):
     B, N, C = x.shape
     S = p + K + 1
+    index = select_topk_triton(scores, K, p, drop_slot=p + K, kept=False).slot  # kept: slot; fused: p + K
     out = torch.empty(B, S, C, dtype=x.dtype, device=x.device)
     size_out = torch.empty(B, S, dtype=torch.float32, device=x.device)
-    index = torch.empty(B, N, dtype=torch.int64, device=x.device)
     wsum = torch.empty(B, dtype=torch.float32, device=x.device)
-    consts, num_warps = _fwd_config(N, C, normalize)
+    consts, num_warps = _fwd_config(C, normalize)
     grid = (B, triton.cdiv(C, consts["BLOCK_C"]))
     _evit_fwd_kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
         scores, scores.stride(0), scores.stride(1),
         size, size.stride(0), size.stride(1),
-        out, size_out, index, wsum, N, C, p, K, **consts, num_warps=num_warps)
+        index, out, size_out, wsum, N, C, p, K, **consts, num_warps=num_warps)
     return out, size_out, index, wsum
 
 
@@ -357,13 +300,13 @@ def _aot_specs() -> list[KernelSpec]:
     for dtype, N, C, normalize in ((torch.float32, 197, 192, False), (torch.float16, 577, 768, True),
                                    (torch.bfloat16, 197, 192, True)):
         t = _PTR[dtype]
-        consts, warps = _fwd_config(N, C, normalize)
+        consts, warps = _fwd_config(C, normalize)
         specs.append(KernelSpec(
             f"evit_fwd[{tag(dtype)},N={N},C={C},{'normalized' if normalize else 'paper'}]", _evit_fwd_kernel,
             dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
                  scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
                  size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                 out_ptr=t, size_out_ptr="*fp32", index_ptr="*i64", wsum_ptr="*fp32",
+                 index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
                  N="i32", C="i32", P="i32", K="i32"),
             consts, warps))
     for dtype, normalize in ((torch.float32, True), (torch.bfloat16, False)):

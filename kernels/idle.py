@@ -13,10 +13,9 @@ Kernels (one program instance each does):
 * :func:`_cls_logit_kernel` -- ``BLOCK_N`` tokens of one image: their LayerNorm statistics and the dot
   product with a per-image vector ``u`` (the class query folded through the key projection, see
   :func:`cls_logits_triton`). Reads ``x`` once (twice from cache); ``O(N * C)``, no keys formed.
-* :func:`_topk_select_kernel` -- one image: the rank of every token's score among the non-prefix
-  tokens (``O(N^2)`` comparisons in ``BLOCK x BLOCK`` tiles, ties to the lower index), then a
-  running prefix sum that gives every selected token its slot. Writes ``index [p + K]`` and
-  ``slot [N]``.
+* the top-k selection is the shared primitive of ``kernels/select.py`` (:func:`topk_select_triton`:
+  one program per image, sort-free, ties to the lower index, NaN as ``-inf``); it writes
+  ``index [p + K]`` and ``slot [N]``.
 * :func:`_gather_rows_kernel` -- ``BLOCK_R`` output rows: ``dst[r] = src[index[r]]`` (the gather;
   also the scatter's backward).
 * :func:`_scatter_rows_kernel` -- ``BLOCK_R`` token rows: ``out[i] = src[slot[i]]`` where token
@@ -32,7 +31,8 @@ Kernels (one program instance each does):
 
 Everything is computed in float32: half-precision inputs are converted right after loading, so
 nothing overflows; the cut loss dots use ``input_precision="ieee"`` (no TF32 rounding of the logits).
-The scatter/gather kernels copy values without arithmetic. Tile sizes are those the ahead-of-time
+The scatter/gather kernels copy values without arithmetic. Offsets are int64 (the image index is
+widened first): ``B * N * C`` may pass ``2**31``. Tile sizes are those the ahead-of-time
 compilation (``kernels/aot.py``, registered at the end of this file) shows fit sm_80/sm_90 without
 register spills.
 """
@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .aot import KernelSpec, register
+from .select import select_spec, select_topk_triton
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -59,7 +60,7 @@ def _cls_logit_kernel(x_ptr, u_ptr, c_ptr, out_ptr, N, C, stride_xb, stride_xn, 
     ``C`` in ``BLOCK_C`` chunks: the mean, then the centred variance and the dot product. ``x`` rows
     are contiguous (unit stride along C); ``u`` is ``[B, C]`` float32, ``c`` is ``[B]`` float32.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
@@ -95,51 +96,16 @@ def _cls_logit_kernel(x_ptr, u_ptr, c_ptr, out_ptr, N, C, stride_xb, stride_xn, 
 
 
 @triton.jit
-def _topk_select_kernel(scores_ptr, index_ptr, slot_ptr, N, P, K, BLOCK: tl.constexpr):
-    """Top-k selection for one image: prefix tokens plus the ``K`` best non-prefix scores.
-
-    A non-prefix token ``j`` is selected when fewer than ``K`` non-prefix tokens ``i`` beat it, where
-    ``i`` beats ``j`` if ``s_i > s_j`` or (``s_i == s_j`` and ``i < j``): ties go to the lower index.
-    NaN scores count as ``-inf``. Selected tokens get consecutive slots in token order; writes
-    ``index[b, slot] = j`` (``[B, P + K]`` int64) and ``slot[b, j]`` (``[B, N]`` int64, -1 if idle).
-    """
-    b = tl.program_id(0)
-    row = scores_ptr + b * N
-    count = tl.zeros([], dtype=tl.int32)
-    for j0 in range(0, N, BLOCK):
-        offs_j = j0 + tl.arange(0, BLOCK)
-        mask_j = offs_j < N
-        s_j = tl.load(row + offs_j, mask=mask_j, other=float("-inf"))
-        s_j = tl.where(s_j != s_j, float("-inf"), s_j)
-        rank = tl.zeros([BLOCK], dtype=tl.int32)
-        for i0 in range(P, N, BLOCK):
-            offs_i = i0 + tl.arange(0, BLOCK)
-            mask_i = offs_i < N
-            s_i = tl.load(row + offs_i, mask=mask_i, other=float("-inf"))
-            s_i = tl.where(s_i != s_i, float("-inf"), s_i)
-            ties = (s_i[None, :] == s_j[:, None]) & (offs_i[None, :] < offs_j[:, None])
-            beats = (s_i[None, :] > s_j[:, None]) | ties
-            beats = beats & mask_i[None, :]
-            rank += tl.sum(beats.to(tl.int32), axis=1)
-        selected = mask_j & ((offs_j < P) | (rank < K))
-        sel = selected.to(tl.int32)
-        slot = count + tl.cumsum(sel, axis=0) - 1
-        tl.store(slot_ptr + b * N + offs_j, tl.where(selected, slot, -1).to(tl.int64), mask=mask_j)
-        tl.store(index_ptr + b * (P + K) + slot, offs_j.to(tl.int64), mask=selected)
-        count += tl.sum(sel, axis=0)
-
-
-@triton.jit
 def _gather_rows_kernel(src_ptr, index_ptr, dst_ptr, R, N_src, C,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dst[b, r, :] = src[b, index[b, r], :]`` for ``BLOCK_R`` rows ``r``; src ``[B, N_src, C]`` and
     dst ``[B, R, C]`` contiguous, index ``[B, R]`` int64."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     src_row = tl.load(index_ptr + b * R + offs_r, mask=mask_r, other=0)
-    src_base = src_ptr + b.to(tl.int64) * N_src * C + src_row[:, None] * C
-    dst_base = dst_ptr + b.to(tl.int64) * R * C + offs_r[:, None].to(tl.int64) * C
+    src_base = src_ptr + b * N_src * C + src_row[:, None] * C
+    dst_base = dst_ptr + b * R * C + offs_r[:, None].to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = mask_r[:, None] & (offs_c < C)[None, :]
@@ -158,13 +124,13 @@ def _scatter_rows_kernel(base_ptr, src_ptr, slot_ptr, out_ptr, N, R, C,
     the scatter's backward for ``x`` (``grad_out`` with selected rows zeroed). base/out ``[B, N, C]``,
     src ``[B, R, C]``, contiguous; slot ``[B, N]`` int64.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_i = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_i = offs_i < N
     slot = tl.load(slot_ptr + b * N + offs_i, mask=mask_i, other=-1)
     selected = slot >= 0
-    row = b.to(tl.int64) * N * C + offs_i[:, None].to(tl.int64) * C
-    src_row = b.to(tl.int64) * R * C + tl.where(selected, slot, 0)[:, None] * C
+    row = b * N * C + offs_i[:, None].to(tl.int64) * C
+    src_row = b * R * C + tl.where(selected, slot, 0)[:, None] * C
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = mask_i[:, None] & (offs_c < C)[None, :]
@@ -206,7 +172,7 @@ def _cut_loss_fwd_kernel(q_ptr, k_ptr, m_ptr, inter_ptr, intra_ptr, lse_ptr, N, 
     mean of the logits); ``inter_i = sum_j |m_i - m_j| W_ij`` (column 0 excluded),
     ``intra_i = m_i sum_j m_j W_ij``; ``lse_i = log sum_j exp(T_ij)``. Online softmax over key tiles.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     m_i = tl.load(m_ptr + b * N + offs_m, mask=mask_m, other=0.0)
@@ -245,7 +211,7 @@ def _cut_loss_bwd_kernel(q_ptr, k_ptr, m_ptr, lse_ptr, g_inter_ptr, g_intra_ptr,
     (0 in column 0), ``A_ij = m_i m_j``, ``delta_i = g_inter_i inter_i + g_intra_i intra_i``; stored
     multiplied by ``factor`` (so that ``dq_h = dt @ k_h`` and ``dk_h = dt^T @ q_h``).
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < N
@@ -263,7 +229,7 @@ def _cut_loss_bwd_kernel(q_ptr, k_ptr, m_ptr, lse_ptr, g_inter_ptr, g_intra_ptr,
     d = tl.where(offs_n[None, :] == 0, 0.0, tl.abs(m_i[:, None] - m_j[None, :]))
     a = m_i[:, None] * m_j[None, :]
     dt = w * (g_inter[:, None] * d + g_intra[:, None] * a - delta[:, None]) * factor
-    out = dt_ptr + b.to(tl.int64) * N * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    out = dt_ptr + b * N * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out, dt, mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -301,19 +267,14 @@ def cls_logits_triton(x: torch.Tensor, u: torch.Tensor, c: torch.Tensor, factor:
 
 
 def topk_select_triton(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch :func:`_topk_select_kernel` on float32 ``scores [B, N]``.
+    """IdleViT's top-k selection (NaN scores count as ``-inf``): one launch of the selection primitive,
+    :func:`~fastprune.kernels.select.select_topk_triton`, on ``scores [B, N]``.
 
     Returns ``index [B, p + k]`` (selected positions, ascending) and ``slot [B, N]`` (position in
     ``index``, -1 for idle tokens), both int64.
     """
-    scores = scores.float().contiguous()
-    B, N = scores.shape
-    p = num_prefix_tokens
-    index = torch.empty(B, p + k, dtype=torch.int64, device=scores.device)
-    slot = torch.empty(B, N, dtype=torch.int64, device=scores.device)
-    block = min(max(triton.next_power_of_2(N), 16), 64)
-    _topk_select_kernel[(B,)](scores, index, slot, N, p, k, BLOCK=block)
-    return index, slot
+    sel = select_topk_triton(scores, k, num_prefix_tokens, nan_last=True)
+    return sel.kept, sel.slot
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -460,9 +421,7 @@ def _aot_specs() -> list[KernelSpec]:
     """The launchers' configurations for ViT widths: every kernel, every variant, each token dtype at
     least once (the copy kernels' code does not depend on the dtype beyond the load width)."""
     qk = dict(N="i32", H="i32", D="i32", **_STRIDES_QK, factor="fp32")
-    specs = [KernelSpec("idle_topk_select", _topk_select_kernel,
-                        dict(scores_ptr="*fp32", index_ptr="*i64", slot_ptr="*i64", N="i32", P="i32", K="i32"),
-                        dict(BLOCK=64))]
+    specs = [select_spec("idle_topk_select[N=197]", 197, nan_last=True, write_kept=True, write_rest=False)]
     for dtype, t in _PTR.items():
         tag = str(dtype).replace("torch.", "")
         for has_ln in (True, False):
