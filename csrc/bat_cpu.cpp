@@ -23,10 +23,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/cdist.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/eye.h>
 #include <ATen/ops/matmul.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -158,8 +158,41 @@ void cluster_kernel(const at::Tensor& D, const at::Tensor& log_score, const at::
   });
 }
 
-at::Tensor gather_rows(const at::Tensor& m, const at::Tensor& idx) {
-  return m.gather(1, idx.unsqueeze(-1).expand({-1, -1, m.size(2)}));
+// The k smallest of D_ij^2 over j != i, ascending, per row [B, n, k]: the values
+// (D ** 2).masked_fill(eye, inf).topk(k, largest=False) returns (numbers, then inf, then NaN).
+template <typename acc_t>
+void knn_kernel(const at::Tensor& D, int64_t k, at::Tensor& knn) {
+  const int64_t B = D.size(0), n = D.size(1);
+  const acc_t* Dp = D.const_data_ptr<acc_t>();
+  acc_t* op = knn.mutable_data_ptr<acc_t>();
+  const auto before = [](acc_t a, acc_t b) { return (std::isnan(b) && !std::isnan(a)) || a < b; };
+  at::parallel_for(0, B * n, cpu::grain_for(8 * n), [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> row(n);
+    for (int64_t t = t0; t < t1; ++t) {
+      const acc_t* d = Dp + t * n;
+      for (int64_t j = 0; j < n; ++j) row[j] = d[j] * d[j];
+      row[t % n] = std::numeric_limits<acc_t>::infinity();
+      std::partial_sort(row.begin(), row.begin() + k, row.end(), before);
+      std::copy(row.begin(), row.begin() + k, op + t * k);
+    }
+  });
+}
+
+// m[b, idx[b, j], :] for every j: [B, J, Cm], contiguous (exact copies, as torch.gather).
+at::Tensor gather_rows(const at::Tensor& m_, const at::Tensor& idx_) {
+  const at::Tensor m = m_.contiguous(), idx = idx_.contiguous();
+  const int64_t B = m.size(0), N = m.size(1), Cm = m.size(2), J = idx.size(1);
+  at::Tensor out = at::empty({B, J, Cm}, m.options());
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const int64_t row_bytes = Cm * static_cast<int64_t>(m.element_size());
+  const char* src = static_cast<const char*>(m.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, B * J, cpu::grain_for(Cm), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::memcpy(dst + t * row_bytes, src + ((t / J) * N + ip[t]) * row_bytes, row_bytes);
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -226,11 +259,9 @@ at::Tensor bat_index_cpu(const at::Tensor& scores_, const at::Tensor& metric, in
                              .div(std::sqrt(static_cast<double>(metric.size(2))));
     at::Tensor log_density;
     if (k > 0) {
-      const at::Tensor eye = at::eye(n, D.options().dtype(at::kBool));
-      log_density = std::get<0>(D.pow(2).masked_fill(eye, std::numeric_limits<double>::infinity())
-                                    .topk(k, -1, /*largest=*/false))
-                        .mean(at::IntArrayRef{-1})
-                        .neg();
+      at::Tensor knn = at::empty({B, n, k}, D.options());
+      AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "bat_knn_cpu", [&] { knn_kernel<scalar_t>(D, k, knn); });
+      log_density = knn.mean(at::IntArrayRef{-1}).neg();  // ATen's mean: the reference's rounding
     } else {
       log_density = at::zeros_like(D.select(2, 0));
     }
