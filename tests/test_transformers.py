@@ -45,9 +45,13 @@ PREFIX = {"vit": 1, "vit_cls": 1, "deit": 2, "deit_teacher": 2, "dinov2": 1, "di
 MODELS = tuple(PREFIX)
 
 
-def _cases():
+#: every method that applies, IdleViT included (it idles tokens instead of removing them)
+ALL_METHODS = dict(METHODS, idle=(0.5, {}))
+
+
+def _cases(methods=METHODS):
     for name in MODELS:
-        for method in METHODS:
+        for method in methods:
             if PREFIX[name] or method == "tome":  # class-attention methods need a class token
                 yield name, method
 
@@ -99,10 +103,10 @@ def test_token_counts_follow_schedule(name, method):
         assert st.num_tokens[2] == after1 and schedule[0] == 0 == schedule[3]
 
 
-@pytest.mark.parametrize("name,method", list(_cases()))
+@pytest.mark.parametrize("name,method", list(_cases(ALL_METHODS)))
 def test_reduced_forward_backward(name, method):
     model = _build(name).train()
-    r, options = METHODS[method]
+    r, options = ALL_METHODS[method]
     fastprune.patch.transformers(model, method=method, r=r, **options)
     x = _images().requires_grad_()
     loss = sum(v.float().pow(2).mean() for v in _outputs(model, x))
@@ -147,6 +151,30 @@ def test_eager_sdpa_and_fallback_attention_agree():
             outs.append(model(x).last_hidden_state)
     for other in outs[1:]:
         torch.testing.assert_close(other, outs[0], atol=2e-5, rtol=1e-5)
+
+
+def test_maskless_attention_falls_back_to_sdpa_with_the_bias():
+    """An attention function that cannot take the bias (as flash-attention-2) runs while sizes are one,
+    fastprune's SDPA with the bias where they are not; the outputs are those of the SDPA model."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def no_mask(module, q, k, v, attention_mask, **kwargs):
+        assert attention_mask is None
+        calls.append(q.shape[2])
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)
+
+    transformers.AttentionInterface.register("fastprune_test_no_mask", no_mask)
+    x = _images()
+    for prop_attn, expect in ((True, [65]), (False, [65, 61, 57, 53])):
+        calls.clear()
+        ref = fastprune.patch.transformers(_build("vit"), method="tome", r=4, prop_attn=prop_attn)
+        model = fastprune.patch.transformers(_build("vit", "fastprune_test_no_mask"), method="tome", r=4,
+                                             prop_attn=prop_attn)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).last_hidden_state, ref(x).last_hidden_state, atol=2e-5, rtol=1e-5)
+        assert calls == expect
 
 
 def test_siglip_attention_pooling_is_size_weighted():
@@ -194,8 +222,8 @@ def test_reconfigure():
 
 def test_refused_with_clear_errors():
     t = transformers
-    with pytest.raises(ValueError, match="timm blocks"):
-        fastprune.patch.transformers(_build("vit"), method="idle", r=0.7)
+    with pytest.raises(ValueError, match="class token"):
+        fastprune.patch.transformers(_build("siglip"), method="idle", r=0.5)(_images())
     for method in ("merge", "evit", "bat"):
         r, options = METHODS[method]
         with pytest.raises(ValueError, match="no class token"):
@@ -213,6 +241,8 @@ def test_refused_with_clear_errors():
     mask[:, -1] = False
     with pytest.raises(NotImplementedError, match="attention_mask"):
         model(_images(), attention_mask=mask)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(_images(), output_attentions=True)
     model.activation_checkpointing_enable()
     model.train()
     with pytest.raises(NotImplementedError, match="gradient checkpointing"):
@@ -265,3 +295,28 @@ def test_timm_port_gives_the_same_outputs(name):
             assert hf.reduction_schedule(model) == fastprune.patch.reduction_schedule(vit)
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(hf.state(model).index, fastprune.patch.state(vit).index, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_timm_port_idle(train):
+    """IdleViT (a block forward written for timm blocks) on the timm view of the HF layers: the same tokens
+    as the timm model, gather form in eval, mask form and cut loss in training."""
+    from fastprune.idle import cut_loss
+
+    model = _build("deit").train(train)
+    vit = _timm_from_hf(model).train(train)
+    x = _images()
+    fastprune.patch.transformers(model, method="idle", r=0.5)
+    fastprune.patch.timm(vit, method="idle", r=0.5)
+    ours, theirs = model(x).last_hidden_state, vit.forward_features(x)
+    assert hf.state(model).r_applied == fastprune.patch.state(vit).r_applied == hf.reduction_schedule(model)
+    assert sum(hf.state(model).r_applied) > 0 and hf.state(model).num_tokens == [66] * DEPTH
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    if train:
+        loss = cut_loss(model)
+        torch.testing.assert_close(loss, cut_loss(vit), atol=1e-5, rtol=1e-5)
+        (ours.pow(2).mean() + loss).backward()
+        assert model.layers[DEPTH - 1].attention.q_proj.weight.grad.abs().sum() > 0
+    else:
+        with pytest.raises(RuntimeError, match="mask form"):
+            cut_loss(model)

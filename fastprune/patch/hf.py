@@ -26,7 +26,7 @@ import torch.nn as nn
 from .. import _checks, schedules
 from ..attention import AttentionOutput, cls_attention, proportional_attention
 from ..schedules import RSpec
-from .registry import ReductionContext, ScheduleContext, available_methods, block_r, get_method, resolve_options
+from .registry import ReductionContext, ScheduleContext, block_r, get_method, resolve_options
 from .vit import PatchState, _patched_class  # the timm patch's class cache, shared
 
 __all__ = ["transformers", "revert", "state", "is_patched", "reduction_schedule", "HFPatchState",
@@ -110,8 +110,15 @@ class HFPatchState(PatchState):
     head, or None) and the classes they had."""
 
     layers: list = field(default_factory=list, repr=False)
+    views: list = field(default_factory=list, repr=False)  # a _TimmBlockView per layer, for block forwards
     head: Optional[nn.Module] = field(default=None, repr=False)
     original_head_class: Optional[type] = None
+
+    def record(self, method: str):
+        """The record ``method`` keeps of the last forward (``model.fastprune_record``, as for timm)."""
+        if self.method.name != method:
+            raise ValueError(f"model is patched with method {self.method.name!r}, not {method!r}")
+        return self.records.get(method)
 
 
 def _attention(attn: nn.Module, layout: _Layout, h: torch.Tensor, size: Optional[torch.Tensor],
@@ -155,6 +162,64 @@ def _apply(layer: nn.Module, names: tuple, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _FusedQKV(nn.Module):
+    """The layer's three projections as timm's fused ``qkv``: ``[B, N, 3 C]``, ``weight``/``bias``
+    concatenated (what IdleViT's class-query fold reads)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.projs = nn.ModuleList([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.in_features = attn.q_proj.in_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([proj.weight for proj in self.projs])
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        biases = [proj.bias for proj in self.projs]
+        return None if any(b is None for b in biases) else torch.cat(biases)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([proj(x) for proj in self.projs], dim=-1)
+
+
+class _TimmAttentionView(nn.Module):
+    """A transformers attention seen as a ``timm.layers.Attention`` (no q/k norm); calling it runs
+    :func:`_attention` (the model's own attention function)."""
+
+    def __init__(self, attn: nn.Module, layout: _Layout):
+        super().__init__()
+        self.hf, self.layout = attn, layout
+        self.qkv = _FusedQKV(attn)
+        self.head_dim = attn.head_dim
+        self.num_heads = attn.q_proj.out_features // attn.head_dim
+        self.scale = float(getattr(attn, layout.scale))
+        self.q_norm, self.k_norm, self.norm, self.proj_drop = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(float(getattr(attn, layout.dropout)))
+        self.proj = getattr(attn, layout.out_proj)
+        self.fused_attn = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _attention(self.hf, self.layout, x, None, frozenset(), "auto").x
+
+
+class _TimmBlockView(nn.Module):
+    """A transformers encoder layer seen as a timm pre-norm ``Block`` (``ls1``/``ls2``: the layer's
+    LayerScale and dropout or drop path), so that a method's block forward written for timm (IdleViT's
+    :func:`fastprune.idle.idle_block`) runs on it unchanged. Shares the layer's modules; is not part of
+    the model (no parameter of its own)."""
+
+    def __init__(self, layer: nn.Module, layout: _Layout):
+        super().__init__()
+        self.norm1, self.norm2 = getattr(layer, layout.norm1), getattr(layer, layout.norm2)
+        self.attn = _TimmAttentionView(getattr(layer, layout.attn), layout)
+        self.mlp = getattr(layer, layout.mlp)
+        self.ls1 = nn.Sequential(*[getattr(layer, n) for n in layout.post_attn])
+        self.ls2 = nn.Sequential(*[getattr(layer, n) for n in layout.post_mlp])
+        self.drop_path1, self.drop_path2 = nn.Identity(), nn.Identity()
+
+
 def _layer_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    *args, **kwargs) -> torch.Tensor:
     """A patched encoder layer: attention residual, the method's reducer when ``r > 0``, MLP residual."""
@@ -164,6 +229,9 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[t
     if attention_mask is not None:
         raise NotImplementedError("a model patched by fastprune does not support attention_mask (token "
                                   "reduction changes the token count the mask refers to)")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("a model patched by fastprune does not return attention maps "
+                                  "(output_attentions): its attention runs without forming them")
     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
         raise NotImplementedError("a model patched by fastprune does not support gradient checkpointing (the "
                                   "recomputed forward would record the token reduction twice)")
@@ -182,6 +250,11 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[t
     size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size_is_ones else st._sizes[i]
     ctx = ReductionContext(block=self, block_index=i, r=r, num_prefix_tokens=p, size=size,
                            size_is_ones=size_is_ones, options=st.options, state=st)
+    if method.block_forward is not None:  # e.g. IdleViT: on the timm view of this layer
+        view = st.views[i].train(self.training)
+        x, size_out, index = method.block_forward(view, x, _dc_replace(ctx, block=view))
+        st._record(i, r, x, size_out, index)
+        return x
     need = method.needs_for(st.options) if r > 0 else frozenset()
     out = _attention(getattr(self, layout.attn), layout, getattr(self, layout.norm1)(x), ctx.attn_size, need,
                      st.options["prop_attn_impl"])
@@ -317,15 +390,18 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
     vision tower). Prefix tokens: class (+ distillation for DeiT, + registers for DINOv2). Refused with
     an error that says why: heads that mean-pool the tokens (``Dinov2ForImageClassification``,
     ``CLIPForImageClassification``, ``SiglipForImageClassification``), masked-image-modeling and backbone
-    classes, methods with their own block forward (``"idle"``: written for timm blocks), class-attention
-    methods (``"merge"``, ``"evit"``, ``"bat"``) on SigLIP (no class token), ``attention_mask`` inputs and
-    gradient checkpointing (at forward time).
+    classes, class-attention methods (``"merge"``, ``"evit"``, ``"bat"``; ``"idle"`` at its first idle
+    layer) on SigLIP (no class token); at forward time ``attention_mask`` inputs, ``output_attentions`` and
+    gradient checkpointing.
 
     Methods, ``r`` and options are exactly those of :func:`fastprune.patch.timm` (``timm(model)``'s
     recommended setting aside: ``method`` defaults to ``"merge"``, ``r`` to 0). Each layer runs its
     attention residual (the model's own ``q/k/v`` projections and attention function, with proportional
     attention's ``log size`` bias), the method's reducer when the layer's ``r > 0``, then its MLP residual
-    (LayerScale and drop path as the layer has them).
+    (LayerScale and drop path as the layer has them). A method with its own block forward (``"idle"``)
+    runs it on a timm view of the layer (:class:`_TimmBlockView`): IdleViT's gather form (eval) attends
+    through the model's own attention function, its mask form (training) through
+    :func:`fastprune.attention.attention_forward`; :func:`fastprune.idle.cut_loss` reads the model.
 
     Attention implementations (``config._attn_implementation``): ``"sdpa"`` and ``"eager"`` take the
     bias as their additive ``attention_mask`` (``prop_attn_impl="auto"``; another ``prop_attn_impl``
@@ -347,10 +423,6 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
     resolved = resolve_options(m, options)
     if m.schedule is not None:  # the method's own schedule forms (e.g. ToMe's "decreasing")
         r = schedules.check_r(m.schedule(r, depth, resolved), depth)
-    if m.reducer is None or m.block_forward is not None:
-        reducers = [n for n in available_methods() if get_method(n).block_forward is None]
-        raise ValueError(f"method {m.name!r} replaces the whole block forward with one written for timm blocks; "
-                         f"fastprune.patch.transformers supports the reducer methods {reducers}")
     if m.needs_for(resolved) & {"cls_attn", "cls_attn_logits"} and found.num_prefix_tokens == 0:
         raise ValueError(f"method {m.name!r} ranks tokens by class attention but {type(found.base).__name__} "
                          "has no class token")
@@ -372,12 +444,14 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
         st.original_block_classes.append(type(layer))
         layer.__class__ = _patched_class(type(layer), _PatchedLayer)
         layer._fastprune, layer._fastprune_block_index, layer._fastprune_layout = st, i, found.layout
+        st.views.append(_TimmBlockView(layer, found.layout))
     head = getattr(found.base, "head", None) if getattr(found.base, "use_head", False) else None
     if head is not None:
         st.head, st.original_head_class = head, type(head)
         head.__class__ = _patched_class(type(head), _PatchedPoolingHead)
         head._fastprune = st
     model._fastprune = st
+    model.fastprune_record = st.record  # what fastprune.idle.cut_loss(model) reads
     return model
 
 
@@ -391,5 +465,5 @@ def revert(model: nn.Module) -> nn.Module:
     if st.head is not None:
         st.head.__class__ = st.original_head_class
         del st.head._fastprune
-    del model._fastprune
+    del model._fastprune, model.fastprune_record
     return model
