@@ -251,17 +251,27 @@ def test_refused_with_clear_errors():
 
 # ---- the same weights in timm give the same reduced outputs ------------------------------------------
 
+#: HF layer attribute -> timm block attribute, per family (the attention's q/k/v become the fused qkv)
+_VIT_NAMES = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.o_proj": "attn.proj",
+              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_DINOV2_NAMES = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1",
+                 "mlp.fc2": "mlp.fc2"}
+
+
 def _timm_from_hf(model: nn.Module) -> nn.Module:
-    """A timm ``VisionTransformer`` (``VisionTransformerDistilled`` for DeiT) holding the HF model's weights."""
+    """A timm ``VisionTransformer`` (``VisionTransformerDistilled`` for DeiT; LayerScale for DINOv2) holding
+    the HF model's weights."""
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    distilled = isinstance(model, transformers.DeiTModel)
+    distilled, dinov2 = isinstance(model, transformers.DeiTModel), isinstance(model, transformers.Dinov2Model)
     cfg = model.config
     cls = VisionTransformerDistilled if distilled else VisionTransformer
+    mlp_ratio = cfg.mlp_ratio if dinov2 else cfg.intermediate_size / cfg.hidden_size
     vit = cls(img_size=IMAGE, patch_size=PATCH, embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers,
-              num_heads=cfg.num_attention_heads, mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
-              qkv_bias=True, num_classes=0, norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps)).eval()
+              num_heads=cfg.num_attention_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
+              init_values=cfg.layerscale_value if dinov2 else None,
+              norm_layer=functools.partial(nn.LayerNorm, eps=cfg.layer_norm_eps)).eval()
     emb = model.embeddings
     sd = {"cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
           "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
@@ -269,18 +279,20 @@ def _timm_from_hf(model: nn.Module) -> nn.Module:
           "norm.weight": model.layernorm.weight, "norm.bias": model.layernorm.bias}
     if distilled:
         sd["dist_token"] = emb.distillation_token
-    for i, layer in enumerate(model.layers):
+    layers, names = (model.encoder.layer, _DINOV2_NAMES) if dinov2 else (model.layers, _VIT_NAMES)
+    for i, layer in enumerate(layers):
         a, b = layer.attention, f"blocks.{i}."
+        if dinov2:
+            sd[b + "ls1.gamma"], sd[b + "ls2.gamma"] = layer.layer_scale1.lambda1, layer.layer_scale2.lambda1
         for part in ("weight", "bias"):
             sd[b + f"attn.qkv.{part}"] = torch.cat([getattr(p, part) for p in (a.q_proj, a.k_proj, a.v_proj)])
-            for ours, theirs in (("norm1", layer.layernorm_before), ("norm2", layer.layernorm_after),
-                                 ("attn.proj", a.o_proj), ("mlp.fc1", layer.mlp.fc1), ("mlp.fc2", layer.mlp.fc2)):
-                sd[b + f"{ours}.{part}"] = getattr(theirs, part)
+            for ours, theirs in names.items():
+                sd[b + f"{theirs}.{part}"] = getattr(layer.get_submodule(ours), part)
     vit.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
     return vit
 
 
-@pytest.mark.parametrize("name", ["vit", "deit"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2"])
 def test_timm_port_gives_the_same_outputs(name):
     model = _build(name)
     vit = _timm_from_hf(model)

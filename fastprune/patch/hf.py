@@ -141,11 +141,11 @@ def _attention(attn: nn.Module, layout: _Layout, h: torch.Tensor, size: Optional
     impl = attn.config._attn_implementation
     if size is None or (impl in MASK_IMPLEMENTATIONS and prop_attn_impl == "auto"):
         mask = None if size is None else size.float().log().to(q.dtype)[:, None, None, :]
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, sys.modules[type(attn).__module__].eager_attention_forward)
+        eager = sys.modules[type(attn).__module__].eager_attention_forward  # the model's own eager attention
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
         out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=scale)  # [B, N, H, d]
     else:
-        out = proportional_attention(q, k, v, size, scale=scale, dropout_p=dropout,
-                                     impl="auto" if prop_attn_impl == "auto" else prop_attn_impl).transpose(1, 2)
+        out = proportional_attention(q, k, v, size, scale=scale, dropout_p=dropout, impl=prop_attn_impl).transpose(1, 2)
     out = getattr(attn, layout.out_proj)(out.reshape(B, N, -1).contiguous())
     return AttentionOutput(
         x=out,
