@@ -7,8 +7,9 @@ number (as ``torch.sort`` puts them first), or, with ``NAN_LAST``, count as ``-i
 ``-0.0 == +0.0``. Kept tokens get consecutive output slots in token order.
 
 No sort and no host synchronisation: :func:`order_keys` maps each float32 score to an int32 key with
-the same order, :func:`kth_largest` finds the ``K``-th largest key by a bitwise search (32 row
-reductions), and the ties at that key are resolved by a cumsum in token order (:func:`topk_mask`).
+the same order, :func:`kth_largest` finds the ``K``-th largest key by a radix search (8 steps of 4
+bits for ViT rows, each one reduction), and the ties at that key are resolved by a cumsum in token
+order (:func:`topk_mask`).
 The selection runs once per image: one program holds the image's whole score row in registers.
 
 Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
@@ -26,7 +27,7 @@ import triton.language as tl
 from . import check_triton_device
 from .aot import KernelSpec, register
 
-__all__ = ["TopK", "select_topk_triton", "select_config", "MAX_TOKENS"]
+__all__ = ["TopK", "select_topk_triton", "select_config", "radix_bits", "MAX_TOKENS"]
 
 #: Most tokens per image the launcher takes (the whole score row lives in one program's registers).
 MAX_TOKENS = 16384
@@ -56,26 +57,30 @@ def order_keys(values, member, NAN_LAST: tl.constexpr):
 
 
 @triton.jit
-def kth_largest(keys, K):
+def kth_largest(keys, K, RADIX_BITS: tl.constexpr):
     """The ``K``-th largest of the int32 ``keys``, counted with multiplicity (``K >= 1``; ``K == 0`` gives
-    ``INT32_MAX``). The largest ``T`` with ``#{keys >= T} >= K``, built bit by bit from the sign bit
-    down: 32 row reductions, no sort."""
-    n_nonneg = tl.sum((keys >= 0).to(tl.int32), axis=0)
-    thresh = tl.where(n_nonneg >= K, 0, -2147483648)
-    bit = thresh * 0 + 0x40000000
-    for _ in range(31):
-        cand = thresh | bit
-        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
-        thresh = tl.where(count >= K, cand, thresh)
-        bit = bit >> 1
-    return thresh
+    ``INT32_MAX``): the largest ``T`` with ``#{keys >= T} >= K``.
+
+    Built ``RADIX_BITS`` bits at a time from the top (on the keys as unsigned, sign bit flipped): each
+    of the ``32 / RADIX_BITS`` steps counts the keys above all ``2**RADIX_BITS`` extensions of ``T`` in
+    one ``[2**RADIX_BITS, len(keys)]`` reduction and keeps the largest extension still reaching ``K``.
+    No sort; ``RADIX_BITS`` (1, 2, 4 or 8) trades sequential steps for comparisons.
+    """
+    u = (keys ^ -2147483648).to(tl.uint32, bitcast=True)
+    digits = tl.arange(0, 1 << RADIX_BITS).to(tl.uint32)
+    thresh = tl.max(digits, axis=0) * 0
+    for step in tl.static_range(32 // RADIX_BITS):
+        cand = thresh | (digits << (32 - RADIX_BITS * (step + 1)))
+        counts = tl.sum((u[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+        thresh = tl.max(tl.where(counts >= K, cand, 0), axis=0)
+    return thresh.to(tl.int32, bitcast=True) ^ -2147483648
 
 
 @triton.jit
-def topk_mask(keys, K):
+def topk_mask(keys, K, RADIX_BITS: tl.constexpr):
     """Top-``K`` mask of a register vector of keys in token order (from :func:`order_keys`): the keys
     above the ``K``-th largest, then the lowest-index ties at it. ``K`` must not exceed the members."""
-    thresh = kth_largest(keys, K)
+    thresh = kth_largest(keys, K, RADIX_BITS)
     above = keys > thresh
     tie = keys == thresh
     quota = K - tl.sum(above.to(tl.int32), axis=0)
@@ -83,13 +88,14 @@ def topk_mask(keys, K):
 
 
 @triton.jit
-def topk_row(score_row, stride_sn, N, P, K, NAN_LAST: tl.constexpr, BLOCK_N: tl.constexpr):
+def topk_row(score_row, stride_sn, N, P, K, NAN_LAST: tl.constexpr, RADIX_BITS: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """Keep mask over ``tl.arange(0, BLOCK_N)`` (``BLOCK_N >= N``) of one image's score row in memory:
     the ``P`` prefix tokens and the top ``K`` of the others (``K <= N - P``). Reads ``N`` floats once."""
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
     s = tl.load(score_row + offs * stride_sn, mask=valid, other=0.0)
-    keep = topk_mask(order_keys(s, valid & (offs >= P), NAN_LAST), K)
+    keep = topk_mask(order_keys(s, valid & (offs >= P), NAN_LAST), K, RADIX_BITS)
     return keep | (valid & (offs < P))
 
 
@@ -101,7 +107,8 @@ def _select_topk_kernel(
         scores_ptr, stride_sb, stride_sn,
         slot_ptr, kept_ptr, rest_ptr,
         N, P, K, DROP_SLOT,
-        NAN_LAST: tl.constexpr, WRITE_KEPT: tl.constexpr, WRITE_REST: tl.constexpr, BLOCK_N: tl.constexpr):
+        NAN_LAST: tl.constexpr, WRITE_KEPT: tl.constexpr, WRITE_REST: tl.constexpr, RADIX_BITS: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """Top-k selection of one image ``b`` (grid ``(B,)``).
 
     Writes ``slot[b, n]`` (``[B, N]`` int64): the output slot of a kept token (prefix included, in
@@ -110,7 +117,7 @@ def _select_topk_kernel(
     positions, ascending. Memory traffic: ``4 N`` bytes read, ``8 N`` (+ ``8 N``) written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, BLOCK_N)
+    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, RADIX_BITS, BLOCK_N)
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
@@ -122,10 +129,20 @@ def _select_topk_kernel(
         tl.store(rest_ptr + pid_b * (N - P - K) + offs - slot - 1, offs.to(tl.int64), mask=rest)
 
 
+def radix_bits(block_n: int, num_warps: int) -> int:
+    """``RADIX_BITS`` of :func:`kth_largest` for a row of ``block_n`` keys: the most bits per step (up to
+    4) whose comparison tile stays within 32 elements per thread."""
+    bits = 4
+    while bits > 1 and (block_n << bits) > 32 * 32 * num_warps:
+        bits //= 2
+    return bits
+
+
 def select_config(N: int) -> tuple[dict, int]:
-    """``(BLOCK_N, num_warps)`` for ``N`` tokens: the whole row in one program, 4 to 16 warps."""
+    """Constants and num_warps for ``N`` tokens: the whole row in one program, 4 to 16 warps."""
     block_n = max(16, triton.next_power_of_2(N))
-    return dict(BLOCK_N=block_n), (4 if block_n <= 1024 else 8 if block_n <= 4096 else 16)
+    num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+    return dict(BLOCK_N=block_n, RADIX_BITS=radix_bits(block_n, num_warps)), num_warps
 
 
 class TopK(NamedTuple):

@@ -105,24 +105,27 @@ def test_bad_arguments_raise(k, p, N):
 # The device functions, called from another kernel the way a method's kernel calls them
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _members_topk_kernel(values_ptr, out_ptr, N, K, NAN_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def _members_topk_kernel(values_ptr, out_ptr, N, K, NAN_LAST: tl.constexpr, RADIX_BITS: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """Top-K among the even positions (ToMe's set A), over one register vector."""
     offs = tl.arange(0, BLOCK)
     valid = offs < N
     v = tl.load(values_ptr + offs, mask=valid, other=0.0)
-    keep = topk_mask(order_keys(v, valid & (offs % 2 == 0), NAN_LAST), K)
+    keep = topk_mask(order_keys(v, valid & (offs % 2 == 0), NAN_LAST), K, RADIX_BITS)
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=valid)
 
 
+@pytest.mark.parametrize("radix", [1, 2, 4, 8])
 @pytest.mark.parametrize("nan_last", [False, True])
-def test_device_functions_with_a_member_mask(nan_last):
+def test_device_functions_with_a_member_mask(nan_last, radix):
     rng = random.Random(1)
     for N in (5, 16, 37):
         values = torch.tensor([rng.choice([0.0, 1.0, -2.0, float("nan")]) for _ in range(N)], device=DEVICE)
         members = list(range(0, N, 2))
-        for K in range(0, len(members) + 1):
+        for K in sorted({0, 1, len(members) // 2, len(members) - 1, len(members)}):
             out = torch.empty(N, dtype=torch.int8, device=DEVICE)
-            _members_topk_kernel[(1,)](values, out, N, K, NAN_LAST=nan_last, BLOCK=triton.next_power_of_2(N))
+            _members_topk_kernel[(1,)](values, out, N, K, NAN_LAST=nan_last, RADIX_BITS=radix,
+                                       BLOCK=triton.next_power_of_2(N))
             sub = values[members]
             want = [members[i] for i in brute_force_keep(sub.tolist(), K, 0, nan_last)]
             assert out.nonzero().flatten().tolist() == want
