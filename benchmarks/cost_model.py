@@ -1,22 +1,25 @@
 """Cost model of fastprune's fused launches: what each must move and compute, and the time that implies.
 
 GPUs are rare here, so predictions come first and measurements (``benchmarks/gpu_check.py``) check
-them. For each launch at a ViT geometry the model gives:
+them. For each launch of the MSTM merge and of ToMe at a ViT geometry the model gives:
 
 * ``min_bytes``: every input read once, every output written once (the memory roofline);
 * ``useful_flops`` and ``written_flops``: the arithmetic the algorithm needs and the arithmetic the
-  kernel issues as written (a gap is wasted work, e.g. comparing against tokens that cannot match);
-* ``tensor_cores``: whether the kernel's products can run on tensor cores;
+  kernel issues as written (a gap is wasted work: padded tiles, candidates that cannot match, rows
+  of a gather round that have no token, the three products of TF32x3). Integer comparisons of the
+  selection and of the merge's index scan are counted as operations too;
+* ``tensor_cores``: whether the kernel's products run on tensor cores;
 * ``registers`` / ``resident_warps``: from the ahead-of-time sm_90 compile (``--aot``), else blank;
 * ``predicted_us``: ``max(min_bytes / bandwidth, written_flops / peak, serial_us)``, where
   ``serial_us`` is the latency-bound time of the dependent steps each program walks through
   (block reductions, dependent loads), spread over the programs that fit on the GPU at once.
 
-Numbers of the machine (:data:`H200`) are nominal figures and the fastprune-measured copy bandwidth;
-the per-step latencies are estimates (one block-wide reduction ~0.3 us, one dependent L2 load
-~0.6 us). This is a model: say so wherever its figures are quoted.
+Launch configurations (tiles, warps, grids) are read from the kernel files, so the model follows the
+code. Numbers of the machine (:data:`H200`) are nominal figures and the fastprune-measured copy
+bandwidth; the per-step latencies are estimates (one block-wide reduction ~0.3 us, one dependent L2
+load ~0.6 us). This is a model: say so wherever its figures are quoted.
 
-    python -m benchmarks.cost_model [--aot] [--batch 1 256] [--dtype bf16]
+    python -m benchmarks.cost_model [--aot] [--batch 1 256] [--dtype bf16 fp16 fp32]
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ import dataclasses
 import math
 from typing import Optional
 
+import torch
+import triton
+
 from benchmarks import harness
 
 
@@ -32,8 +38,8 @@ from benchmarks import harness
 class Machine:
     name: str
     bandwidth_gbps: float  # measured device-to-device copy bandwidth, GB/s
-    fp32_fma_tflops: float  # scalar FMA issue rate (IEEE fp32 tl.dot runs here)
-    tc_tflops: float  # dense fp16/bf16 tensor cores
+    fp32_fma_tflops: float  # scalar FMA issue rate (IEEE fp32 tl.dot and integer compares run here)
+    tc_tflops: float  # dense fp16/bf16 tensor cores (TF32: half of it)
     sms: int
     reduction_us: float = 0.3  # one block-wide reduction (shuffles + shared memory + barrier)
     dependent_load_us: float = 0.6  # one load whose address depends on the previous step
@@ -46,7 +52,7 @@ H200 = Machine("H200", 4300.0, 67.0, 790.0, 132)
 @dataclasses.dataclass(frozen=True)
 class Launch:
     name: str
-    aot_prefix: str  # the kernel's name in the ahead-of-time registry
+    aot_name: str  # the spec compiled for registers (its "@jit" variant), from the AOT registry
     min_bytes: float
     useful_flops: float
     written_flops: float
@@ -55,6 +61,9 @@ class Launch:
     serial_steps_reduction: float  # per program
     serial_steps_load: float  # per program
     num_warps: int
+    backward: bool = False
+    tc_flops: float = 0.0  # the part of written_flops that runs on tensor cores (rest: scalar issue)
+    tc_rate: float = 1.0  # tensor-core rate relative to bf16 (TF32: 1/2)
 
 
 def _vit_block_flops(N: int, C: int) -> float:
@@ -62,39 +71,125 @@ def _vit_block_flops(N: int, C: int) -> float:
     return 2 * N * 12 * C * C + 4 * N * N * C
 
 
-def mstm_launches(B: int, N: int, C: int, r: int, elt: int) -> list:
-    """The MSTM merge's launches as written in kernels/merge.py (select+match, gather merge, backward)."""
-    S = N - r
-    tiles_i = math.ceil(N / 16)  # select+match: BLOCK_I = 16 rows per program (N <= 1024)
-    search_steps = 33 + max(4, math.ceil(math.log2(max(16, N))))  # bitwise threshold search, one reduction each
+def _tag(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _select_launch(B: int, N: int, K: int, p: int, name: str) -> Launch:
+    """kernels/select.py: one program per image holds the score row; a radix search for the K-th key."""
+    from fastprune.kernels.select import select_config
+
+    consts, warps = select_config(N)
+    bits = consts.get("RADIX_BITS", 1)
+    steps = math.ceil(32 / bits)
+    block_n = consts["BLOCK_N"]
+    return Launch(
+        name, f"select_topk[N={N},nan_first]",
+        min_bytes=B * (N * 4 + N * 8 + (p + K) * 8 + (N - p - K) * 8),
+        useful_flops=0.0, written_flops=B * steps * (block_n << bits) + B * 4 * block_n, tensor_cores=False,
+        programs=B, serial_steps_reduction=steps + 3, serial_steps_load=2, num_warps=warps)
+
+
+def _match_launch(B: int, S: int, M: int, CM: int, dtype: torch.dtype, elt: int, name: str, aot_name: str,
+                  N_read: int) -> Launch:
+    """kernels/match.py: tiles of sources against every candidate, tensor cores (fp32: TF32x3)."""
+    from fastprune.kernels.match import match_config
+
+    consts, warps = match_config(S, M, CM, dtype)
+    bi, bj = consts["BLOCK_I"], consts["BLOCK_J"]
+    tiles_i, tiles_j = math.ceil(S / bi), math.ceil(M / bj)
+    passes = 3 if dtype == torch.float32 else 1  # TF32x3: three tensor-core products
+    written = B * tiles_i * tiles_j * bi * bj * CM * 2 * passes
+    return Launch(
+        name, aot_name,
+        min_bytes=B * (N_read * CM * elt + (S + M) * 8 + S * 20),
+        useful_flops=B * 2 * S * M * CM, written_flops=written, tensor_cores=True,
+        programs=B * tiles_i, serial_steps_reduction=2 * tiles_j, serial_steps_load=2 * tiles_j + 2,
+        num_warps=warps, tc_flops=written, tc_rate=0.5 if dtype == torch.float32 else 1.0)
+
+
+def _merge_launches(B: int, N: int, C: int, S: int, n_sources: int, elt: int, has_scores: bool, has_size: bool,
+                    prefix: str, fwd_aot: str, bwd_aot: str) -> list:
+    """kernels/weighted_merge.py forward (gather) and backward, for an index map sending ``n_sources``
+    of the N tokens into other tokens' rows."""
+    from fastprune.kernels.weighted_merge import backward_config, merge_config
+
+    consts, warps = merge_config(N, C, has_size, has_scores)
+    rows, block_n, split, block_c = consts["ROWS"], consts["BLOCK_N"], consts["C_SPLIT"], consts["BLOCK_C"]
+    tiles = math.ceil(S / rows)
+    splits = math.ceil(C / split)
+    chunks = math.ceil(min(split, C) / block_c)
+    # rounds of a tile: 1 + the sources of its busiest row; a tile holds rows * n_sources / S sources on
+    # average, rarely more than one per row
+    rounds = 1 + min(1.0, rows * n_sources / S)
+    weight_bytes = N * ((4 if has_scores else 0) + (4 if has_size else 0))
+    fwd = Launch(
+        f"{prefix} weighted merge (gather)", fwd_aot,
+        min_bytes=B * ((N + S) * C * elt + N * 8 + weight_bytes + S * 8),
+        useful_flops=B * 2 * N * C,
+        written_flops=B * tiles * splits * (2 * rounds * rows * split  # FMAs, all rows of every round
+                                            + rows * block_n * (1 + rounds + (rounds - 1) * chunks)),  # scan
+        tensor_cores=False, programs=B * tiles * splits,
+        # the index row, then the weights at the first token; each chunk waits for its token loads
+        serial_steps_reduction=1 + rounds + (rounds - 1) * chunks,
+        serial_steps_load=2 + rounds * chunks, num_warps=warps)
+    consts, warps = backward_config(has_size, has_scores, True, has_scores, has_size)
+    need_gw = has_scores or has_size
+    bwd = Launch(
+        f"{prefix} weighted merge backward", bwd_aot,
+        min_bytes=B * (S * C * elt * (2 if need_gw else 1) + N * C * elt * (2 if need_gw else 1)
+                       + N * 8 + S * 8 + weight_bytes + N * 4 * (int(has_scores) + int(has_size))),
+        useful_flops=B * N * C * (4 if need_gw else 1), written_flops=B * N * C * (4 if need_gw else 1),
+        tensor_cores=False, programs=B * math.ceil(N / consts["BLOCK_I"]),
+        serial_steps_reduction=2, serial_steps_load=2 + math.ceil(C / consts["BLOCK_C"]) / 4,
+        num_warps=warps, backward=True)
+    return [fwd, bwd]
+
+
+def mstm_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype = torch.bfloat16,
+                  p: int = 1) -> list:
+    """The MSTM merge as kernels/merge.py composes it: select, match (metric = x), gather merge, backward."""
+    K = N - p - r
+    tag = _tag(dtype)
+    return [_select_launch(B, N, K, p, "MSTM select (top-k)"),
+            _match_launch(B, r, K, C, dtype, elt, "MSTM match (sources vs kept)",
+                          f"cosine_match[{tag},S=13,M=183,Cm=768,lists,map]", r + K),
+            *_merge_launches(B, N, C, N - r, r, elt, True, True, "MSTM",
+                             "mstm_weighted_merge[bfloat16,size_attn]", "mstm_merge_backward[float16,size_attn]")]
+
+
+def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype = torch.bfloat16,
+                  p: int = 1, CM: int = 64) -> list:
+    """ToMe as kernels/tome.py composes it (metric = head-mean keys, ``CM`` channels): match, select,
+    gather merge, backward."""
+    from fastprune.kernels.tome import _match_config, _select_config
+
+    NA, NB = (N + 1) // 2, N // 2
+    tag = _tag(dtype)
+    consts, warps = _match_config()
+    ba, bb = consts["BLOCK_A"], consts["BLOCK_B"]
+    tiles_a, tiles_b = math.ceil(NA / ba), math.ceil(NB / bb)
+    match = Launch(
+        "ToMe match (A vs B)", f"tome_match[{tag}]",
+        min_bytes=B * (N * CM * elt + NA * 8),
+        useful_flops=B * 2 * (NA - (p + 1) // 2) * (NB - p // 2) * CM,
+        written_flops=B * tiles_a * tiles_b * ba * bb * CM * 2, tensor_cores=False,  # IEEE fp32 tl.dot
+        programs=B * tiles_a, serial_steps_reduction=2 * tiles_b, serial_steps_load=tiles_b + 1, num_warps=warps)
+    consts, warps = _select_config(NA)
     select = Launch(
-        "mstm_select_match", "mstm_select_match[",
-        min_bytes=B * (N * C * elt + N * 4 + N * 8),
-        useful_flops=B * 2 * r * (N - r) * C,  # sources x kept candidates
-        written_flops=B * tiles_i * 16 * N * 2 * C,  # every tile row against all N tokens
-        tensor_cores=False,  # IEEE fp32 tl.dot on converted tiles
-        programs=B * tiles_i, serial_steps_reduction=search_steps + 2 * math.ceil(N / 16),
-        serial_steps_load=math.ceil(N / 16), num_warps=4)
-    rows = 16
-    merge = Launch(
-        "mstm_weighted_merge (gather)", "mstm_weighted_merge[",
-        min_bytes=B * ((N + S) * C * elt + N * (8 + 4 + 4) + S * 8),
-        useful_flops=B * 2 * N * C, written_flops=B * 2 * N * C, tensor_cores=False,
-        programs=B * math.ceil(S / rows),
-        serial_steps_reduction=rows * 3 + 2 * (N / S) * rows,  # W, size, count per row; find i, w_i per input
-        serial_steps_load=rows * N / S, num_warps=4)
-    backward = Launch(
-        "mstm_merge_backward", "mstm_merge_backward[",
-        min_bytes=B * (S * C * elt + N * 8 + N * C * elt),
-        useful_flops=B * 2 * N * C, written_flops=B * 4 * N * C, tensor_cores=False,
-        programs=B * math.ceil(N / 32), serial_steps_reduction=2, serial_steps_load=2, num_warps=4)
-    return [select, merge, backward]
+        "ToMe select (top-r by rank)", "tome_select[N=197]",
+        min_bytes=B * (NA * 8 + N * 8),
+        useful_flops=0.0, written_flops=B * consts["BLOCK_NA"] * math.ceil(NA / consts["BLOCK_J"]) * consts["BLOCK_J"] * 4,
+        tensor_cores=False, programs=B, serial_steps_reduction=math.ceil(NA / consts["BLOCK_J"]) + 2,
+        serial_steps_load=2, num_warps=warps)
+    return [match, select, *_merge_launches(B, N, C, N - r, r, elt, False, True, "ToMe",
+                                            f"tome_merge[{tag},size]", f"tome_merge_backward[{tag},size]")]
 
 
 def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> dict:
     memory_us = launch.min_bytes / (machine.bandwidth_gbps * 1e9) * 1e6
-    peak = machine.tc_tflops if launch.tensor_cores else machine.fp32_fma_tflops
-    compute_us = launch.written_flops / (peak * 1e12) * 1e6
+    scalar = launch.written_flops - launch.tc_flops
+    compute_us = (launch.tc_flops / (launch.tc_rate * machine.tc_tflops * 1e12) + scalar / (machine.fp32_fma_tflops * 1e12)) * 1e6
     per_sm = max(1, (resident_warps or 16) // launch.num_warps)
     waves = math.ceil(launch.programs / (machine.sms * per_sm))
     serial_us = waves * (launch.serial_steps_reduction * machine.reduction_us
@@ -104,55 +199,63 @@ def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> 
             "predicted_us": bound[0], "bound": bound[1], "x_roofline": bound[0] / memory_us}
 
 
-def aot_usage(cc: int = 90) -> dict:
-    """``{aot name prefix: (registers, resident warps)}`` of the MSTM kernels (bf16, N=197), compiled now."""
+def aot_usage(names, cc: int = 90) -> dict:
+    """``{spec name: (registers, resident warps)}`` of the named specs as the JIT specialises them,
+    compiled now (no GPU needed)."""
     from fastprune.kernels import aot
 
-    wanted = ("mstm_select_match[bfloat16", "mstm_weighted_merge[bfloat16", "mstm_merge_backward[bfloat16")
-    specs = [s for s in aot.registered_specs() if s.name.startswith(wanted) and s.name.endswith("@jit")]
+    wanted = {f"{n}@jit" for n in names}
+    specs = [s for s in aot.registered_specs() if s.name in wanted]
     out = {}
     for row in aot.compile_all((cc,), specs=specs):
         if row["ok"]:
-            prefix = row["name"].split("[")[0] + "["
-            out[prefix] = (row["registers"], aot.resident_warps(row["registers"], row["num_warps"],
-                                                                row.get("shared_bytes") or 0))
+            out[row["name"][: -len("@jit")]] = (row["registers"], aot.resident_warps(
+                row["registers"], row["num_warps"], row.get("shared_bytes") or 0))
     return out
+
+
+def launches(B: int, dtype: str = "bf16", N: int = 197, C: int = 768, r: int = 13) -> dict:
+    """``{method: [Launch]}`` at one batch size and storage dtype."""
+    torch_dtype = harness.DTYPES[dtype]
+    elt = torch_dtype.itemsize
+    return {"MSTM": mstm_launches(B, N, C, r, elt, torch_dtype), "ToMe": tome_launches(B, N, C, r, elt, torch_dtype)}
 
 
 def table(batches=(1, 256), dtype: str = "bf16", N: int = 197, C: int = 768, r: int = 13,
           machine: Machine = H200, usage: Optional[dict] = None) -> list:
-    elt = harness.DTYPES[dtype].itemsize
     rows = []
     for B in batches:
-        launches = mstm_launches(B, N, C, r, elt)
         block_us = B * _vit_block_flops(N, C) / (0.75 * machine.tc_tflops * 1e12) * 1e6
-        forward = 0.0
-        for launch in launches:
-            regs, warps = (usage or {}).get(launch.aot_prefix, (None, None))
-            p = predict(launch, machine, warps)
-            if "backward" not in launch.name:
-                forward += p["predicted_us"]
-            rows.append(dict(batch=B, dtype=dtype, launch=launch.name, min_mb=launch.min_bytes / 1e6,
-                             useful_gflop=launch.useful_flops / 1e9, written_gflop=launch.written_flops / 1e9,
-                             tensor_cores=launch.tensor_cores, registers=regs, resident_warps=warps, **p))
-        rows.append(dict(batch=B, dtype=dtype, launch="MSTM forward / one ViT-B block (75% of TC peak)",
-                         predicted_us=forward, bound=f"{forward / block_us:.0%} of {block_us:.0f} us"))
+        for method, method_launches in launches(B, dtype, N, C, r).items():
+            forward = 0.0
+            for launch in method_launches:
+                regs, warps = (usage or {}).get(launch.aot_name, (None, None))
+                p = predict(launch, machine, warps)
+                if not launch.backward:
+                    forward += p["predicted_us"]
+                rows.append(dict(batch=B, dtype=dtype, launch=launch.name, min_mb=launch.min_bytes / 1e6,
+                                 useful_gflop=launch.useful_flops / 1e9, written_gflop=launch.written_flops / 1e9,
+                                 tensor_cores=launch.tensor_cores, registers=regs, resident_warps=warps, **p))
+            rows.append(dict(batch=B, dtype=dtype, launch=f"{method} forward / one ViT-B block (75% of TC peak)",
+                             predicted_us=forward, bound=f"{forward / block_us:.0%} of {block_us:.0f} us"))
     return rows
 
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(harness.DTYPES))
+    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(harness.DTYPES))
     parser.add_argument("--aot", action="store_true", help="compile the kernels for sm_90 to read registers")
     args = parser.parse_args(argv)
-    usage = aot_usage() if args.aot else None
-    rows = table(args.batch, args.dtype, usage=usage)
-    cols = ["batch", "launch", "min_mb", "useful_gflop", "written_gflop", "tensor_cores", "registers",
+    names = {launch.aot_name for dtype in args.dtype for group in launches(1, dtype).values() for launch in group}
+    usage = aot_usage(sorted(names)) if args.aot else None
+    rows = [row for dtype in args.dtype for row in table(args.batch, dtype, usage=usage)]
+    cols = ["batch", "dtype", "launch", "min_mb", "useful_gflop", "written_gflop", "tensor_cores", "registers",
             "resident_warps", "memory_us", "compute_us", "serial_us", "predicted_us", "bound", "x_roofline"]
-    print(f"Cost model (a model, not a measurement): MSTM merge at ViT-B/16, N=197, C=768, r=13, {args.dtype}, "
-          f"{H200.name} ({H200.bandwidth_gbps:.0f} GB/s copy, {H200.fp32_fma_tflops:.0f} TFLOP/s fp32 FMA, "
-          f"{H200.tc_tflops:.0f} TFLOP/s bf16 tensor cores)\n")
+    print(f"Cost model (a model, not a measurement): the MSTM merge and ToMe at ViT-B/16, N=197, C=768, r=13 "
+          f"(ToMe's metric: 64-channel head-mean keys), {H200.name} ({H200.bandwidth_gbps:.0f} GB/s copy, "
+          f"{H200.fp32_fma_tflops:.0f} TFLOP/s fp32 FMA, {H200.tc_tflops:.0f} TFLOP/s bf16 tensor cores); "
+          f"registers: sm_90 ahead-of-time compile as the JIT specialises the launch\n")
     print(harness.markdown_table(cols, [[r.get(c, "") for c in cols] for r in rows]))
     return rows
 

@@ -13,17 +13,23 @@ this file reproduces exactly (same selection, same matching, same index map, sam
    by its destination's total *before* summing, so a kept token that absorbs nothing comes out
    bit-identical.
 
-Forward = two kernel launches, no host synchronisation, no sort, no memset:
+Forward = three kernel launches, composed of the shared primitives, no host synchronisation, no sort:
 
-* :func:`_mstm_select_match_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): top-k threshold by a bitwise
-  search over unique integer keys, output slots, and the cosine argmax of the sources; writes the index
-  map ``[B, N]``.
-* the weighted merge by that index map, ``kernels/weighted_merge.py`` (the one merge of every method):
-  a gather, each output row reads the tokens sent to it; plus the merged sizes and weight totals.
+* the top-k selection, ``kernels/select.py`` (grid ``(B,)``, once per image): the kept tokens'
+  output slots ``[B, N]``, their positions and the ``r`` sources' positions;
+* the cosine matching, ``kernels/match.py`` (grid ``(B, cdiv(r, BLOCK_I))``, over the sources only,
+  tensor cores): each source's most similar kept non-prefix token, whose slot it writes into the
+  index map;
+* the weighted merge by that index map, ``kernels/weighted_merge.py`` (the one merge of every
+  method): a gather, each output row reads the tokens sent to it; plus merged sizes and weight totals.
 
 Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradients w.r.t. ``x``, and w.r.t.
 the merge weights, mapped in-kernel onto ``scores`` (``weight="size_attn"``) and ``size``. Selection
 and matching are not differentiable (no gradient reaches ``metric``).
+
+Matching runs on tensor cores (fp16/bf16 metrics; fp32: TF32x3), so a source whose two best kept
+tokens differ in similarity by less than :func:`fastprune.kernels.match.near_tie_eps` may pick the
+other one than the float64 reference; exact ties always go to the lower index.
 
 All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16): values are converted on load
 and converted back on store. Deterministic, no atomics.
@@ -42,157 +48,17 @@ from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
-from fastprune.reference import COSINE_EPS, Merged
+from fastprune.reference import Merged
 
 from . import check_triton_device
-from .aot import KernelSpec, register
-from .weighted_merge import (KERNELS_TRACEABLE, PTR, backward_spec, merge_spec, weighted_merge,
-                             weighted_merge_backward, wrap_triton)
+from .aot import register
+from .match import _cosine_match_kernel, match_config, match_spec
+from .select import _select_topk_kernel, select_config
+from .weighted_merge import (KERNELS_TRACEABLE, backward_spec, merge_spec, weighted_merge, weighted_merge_backward,
+                             wrap_triton)
 
 __all__ = ["mstm_merge_triton"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Device helpers
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _selection_keys(scores_row_ptr, stride_sn, offs, N, P, IDX_BITS: tl.constexpr):
-    """Unique, order-preserving int64 keys of the scores at token positions ``offs`` ([BLOCK] int32).
-
-    ``key = mono(score) << IDX_BITS | (N - 1 - i)``, where ``mono`` maps the float32 bit pattern to an
-    unsigned 32-bit integer with the same order (``-0.0`` is first made ``+0.0`` so both compare
-    equal, as floats do). The low bits make keys unique and put the lower index first among equal
-    scores. Prefix tokens get a key above every score (``mono = 2**32``); positions ``>= N`` get -1.
-    """
-    valid = offs < N
-    s = tl.load(scores_row_ptr + offs * stride_sn, mask=valid, other=0.0).to(tl.float32)
-    s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0
-    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-    mono = tl.where(bits >= 0, bits + 2147483648, 2147483647 - (bits & 2147483647))
-    mono = tl.where(offs < P, 4294967296, mono)
-    key = (mono << IDX_BITS) + (N - 1 - offs).to(tl.int64)
-    return tl.where(valid, key, -1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launch 1: top-k selection + cosine matching -> index map
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _mstm_select_match_kernel(
-        scores_ptr, stride_sb, stride_sn,
-        metric_ptr, stride_mb, stride_mn, stride_mc,
-        index_ptr,
-        N, CM, P, K,
-        BLOCK_N: tl.constexpr, IDX_BITS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-        BLOCK_CM: tl.constexpr, COS_EPS: tl.constexpr):
-    """Top-k selection and cosine matching for one tile of ``BLOCK_I`` tokens of one image.
-
-    One program (image ``b``, tokens ``i`` in its tile):
-
-    1. loads the image's whole score row (``BLOCK_N`` >= N, a power of two) as unique int64 keys
-       (:func:`_selection_keys`) and finds ``T``, the ``K``-th largest key (``K = N - r`` kept tokens,
-       prefix included), by a greedy bitwise search: for each bit from high to low, keep it in ``T``
-       if at least ``K`` keys are ``>= T | bit``. ``33 + IDX_BITS`` row reductions, no sort. A token
-       is kept iff ``key >= T``;
-    2. kept tokens (prefix included) get their output slot: kept tokens before the tile plus an
-       inclusive cumsum inside the tile, minus one;
-    3. if the tile holds a source, loops over tiles of ``BLOCK_J`` candidate tokens ``j``: cosine
-       similarity ``<m_i, m_j> / (max(|m_i|, eps) max(|m_j|, eps))`` accumulated over ``BLOCK_CM``
-       chunks of the metric with an fp32 ``tl.dot`` (``[BLOCK_I, BLOCK_CM] x [BLOCK_CM, BLOCK_J]``,
-       IEEE precision), masked to kept non-prefix ``j``, with a running argmax (strictly greater
-       replaces, so ties go to the lower index) that tracks the winner's output slot;
-    4. writes ``index[b, i]``: its slot for a kept token, the winner's slot for a source.
-
-    Memory traffic per program: the score row (``4 N`` bytes, read again tile by tile in step 3) plus,
-    only for tiles that hold a source, the metric of all N tokens (``N Cm`` elements) and the tile's own
-    metric once per candidate tile (``BLOCK_I Cm`` elements, from L1/L2); writes ``8 BLOCK_I`` bytes.
-    The metric re-reads across the ``cdiv(N, BLOCK_I)`` programs of an image hit L2. Compute:
-    ``(33 + IDX_BITS) BLOCK_N`` key comparisons and ``2 BLOCK_I N Cm`` FLOPs for a tile with a source.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_i = tl.program_id(1)
-    score_row = scores_ptr + pid_b * stride_sb
-    metric_row = metric_ptr + pid_b * stride_mb
-
-    # 1. threshold key: the K-th largest key of the row.
-    offs_n = tl.arange(0, BLOCK_N)
-    keys = _selection_keys(score_row, stride_sn, offs_n, N, P, IDX_BITS)
-    thresh = pid_b * 0  # int64 scalar 0: every valid key is >= 0
-    bit = (thresh + 1) << (32 + IDX_BITS)  # highest bit a key can have
-    for _ in range(33 + IDX_BITS):
-        cand = thresh | bit
-        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
-        thresh = tl.where(count >= K, cand, thresh)
-        bit = bit >> 1
-
-    # 2. output slots of the tile's kept tokens.
-    i_start = pid_i * BLOCK_I
-    offs_i = i_start + tl.arange(0, BLOCK_I)
-    valid_i = offs_i < N
-    kept_i = _selection_keys(score_row, stride_sn, offs_i, N, P, IDX_BITS) >= thresh
-    kept_before = tl.sum(((keys >= thresh) & (offs_n < i_start)).to(tl.int32), axis=0)
-    slot_i = kept_before + tl.cumsum(kept_i.to(tl.int32), axis=0) - 1
-
-    # 3. cosine argmax of the tile's sources over kept non-prefix tokens.
-    best_sim = tl.full([BLOCK_I], float("-inf"), tl.float32)
-    best_slot = tl.zeros([BLOCK_I], tl.int32) + P
-    n_sources = tl.sum((valid_i & (kept_i == 0)).to(tl.int32), axis=0)
-    if n_sources > 0:
-        offs_c = tl.arange(0, BLOCK_CM)
-        sq_i = tl.zeros([BLOCK_I], tl.float32)
-        for c0 in range(0, CM, BLOCK_CM):
-            cmask = (c0 + offs_c) < CM
-            m_i = tl.load(metric_row + offs_i[:, None] * stride_mn + (c0 + offs_c)[None, :] * stride_mc,
-                          mask=valid_i[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            sq_i += tl.sum(m_i * m_i, axis=1)
-        norm_i = tl.maximum(tl.sqrt(sq_i), COS_EPS)
-
-        kept_seen = tl.sum(kept_i.to(tl.int32), axis=0) * 0  # int32 scalar 0
-        for j0 in range(0, N, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            valid_j = offs_j < N
-            kept_j = _selection_keys(score_row, stride_sn, offs_j, N, P, IDX_BITS) >= thresh
-            candidate_j = kept_j & (offs_j >= P)
-            slot_j = kept_seen + tl.cumsum(kept_j.to(tl.int32), axis=0) - 1
-            kept_seen += tl.sum(kept_j.to(tl.int32), axis=0)
-
-            dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-            sq_j = tl.zeros([BLOCK_J], tl.float32)
-            for c0 in range(0, CM, BLOCK_CM):
-                cmask = (c0 + offs_c) < CM
-                m_i = tl.load(metric_row + offs_i[:, None] * stride_mn + (c0 + offs_c)[None, :] * stride_mc,
-                              mask=valid_i[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                m_jt = tl.load(metric_row + offs_j[None, :] * stride_mn + (c0 + offs_c)[:, None] * stride_mc,
-                               mask=cmask[:, None] & valid_j[None, :], other=0.0).to(tl.float32)
-                dots += tl.dot(m_i, m_jt, input_precision="ieee")
-                sq_j += tl.sum(m_jt * m_jt, axis=0)
-            norm_j = tl.maximum(tl.sqrt(sq_j), COS_EPS)
-            sim = dots / (norm_i[:, None] * norm_j[None, :])
-            sim = tl.where(candidate_j[None, :], sim, float("-inf"))
-            tile_best = tl.max(sim, axis=1)
-            # slots grow with j among kept tokens: the smallest slot among the maxima is the lowest j.
-            tile_slot = tl.min(tl.where(sim == tile_best[:, None], slot_j[None, :], 2147483647), axis=1)
-            better = tile_best > best_sim
-            best_slot = tl.where(better, tile_slot, best_slot)
-            best_sim = tl.where(better, tile_best, best_sim)
-
-    # 4. the index map.
-    index = tl.where(kept_i, slot_i, best_slot)
-    tl.store(index_ptr + pid_b * N + offs_i, index.to(tl.int64), mask=valid_i)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launch configuration (shared with the ahead-of-time compile specs below)
-# ----------------------------------------------------------------------------------------------------
-def _select_match_config(N: int) -> tuple[dict, int]:
-    """Compile-time constants and num_warps of the select+match kernel for ``N`` tokens."""
-    block_n = max(16, triton.next_power_of_2(N))
-    small = block_n <= 1024  # larger rows: more warps for the row reductions, bigger tiles to amortise them
-    consts = dict(BLOCK_N=block_n, IDX_BITS=block_n.bit_length() - 1, BLOCK_I=16 if small else 32, BLOCK_J=16,
-                  BLOCK_CM=32, COS_EPS=COSINE_EPS)
-    return consts, (4 if small else 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,21 +66,35 @@ def _select_match_config(N: int) -> tuple[dict, int]:
 # ----------------------------------------------------------------------------------------------------
 def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
                   traceable: bool = False) -> torch.Tensor:
-    """Launch 1: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
+    """Selection + matching: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
 
-    ``traceable=True`` launches through :func:`wrap_triton` (inside the operators); False launches
-    the kernel directly, for plain eager callers outside an operator: there torch's wrapper would send
-    every launch through a higher-order op.
+    Two launches: ``kernels/select.py``'s top-k (slots of the kept tokens, the sources' positions),
+    then ``kernels/match.py``'s cosine matching of the ``r`` sources against the kept non-prefix
+    tokens, which writes each source's winner slot into the map. ``traceable=True`` launches
+    through :func:`wrap_triton` (inside the operators).
     """
     B, N, CM = metric.shape
+    K = N - p - r
+    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
     index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
-    consts, num_warps = _select_match_config(N)
-    grid = (B, triton.cdiv(N, consts["BLOCK_I"]))
-    kernel = wrap_triton(_mstm_select_match_kernel) if traceable else _mstm_select_match_kernel
-    kernel[grid](
-        scores, scores.stride(0), scores.stride(1),
-        metric, metric.stride(0), metric.stride(1), metric.stride(2),
-        index, N, CM, p, N - r, **consts, num_warps=num_warps)
+    kept = torch.empty(B, p + K, dtype=torch.int64, device=metric.device)
+    sources = torch.empty(B, r, dtype=torch.int64, device=metric.device)
+    consts, num_warps = select_config(N)
+    select = wrap_triton(_select_topk_kernel) if traceable else _select_topk_kernel
+    select[(B,)](scores, scores.stride(0), scores.stride(1), index, kept, sources, N, p, K, -1,
+                 NAN_LAST=False, WRITE_KEPT=True, WRITE_REST=True, **consts, num_warps=num_warps)
+
+    candidates = kept[:, p:]  # the kept non-prefix tokens: slot p + j for candidate j
+    best = torch.empty(B, r, dtype=torch.float32, device=metric.device)
+    partner = torch.empty(B, r, dtype=torch.int64, device=metric.device)
+    consts, num_warps = match_config(r, K, CM, metric.dtype)
+    match = wrap_triton(_cosine_match_kernel) if traceable else _cosine_match_kernel
+    match[(B, triton.cdiv(r, consts["BLOCK_I"]))](
+        metric, metric.stride(0), metric.stride(1),
+        sources, sources.stride(0), sources.stride(1), 0, 1, r,
+        candidates, candidates.stride(0), candidates.stride(1), 0, 1, K,
+        best, partner, index, index.stride(0), p, CM,
+        SRC_LIST=True, CAND_LIST=True, WRITE_MAP=True, **consts, num_warps=num_warps)
     return index
 
 
@@ -232,7 +112,7 @@ _define_op = torch.library.triton_op if KERNELS_TRACEABLE else torch.library.cus
 
 @_define_op("fastprune::mstm_select_match_triton", mutates_args=())
 def _select_match_op(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.Tensor:
-    """``torch.ops.fastprune.mstm_select_match_triton``: top-k selection + cosine matching (launch 1).
+    """``torch.ops.fastprune.mstm_select_match_triton``: top-k selection + cosine matching (launches 1, 2).
 
     ``scores [B, N]`` float32, ``metric [B, N, Cm]`` -> ``index [B, N]`` int64 (see
     :func:`mstm_merge_triton`). Not differentiable (discrete).
@@ -252,7 +132,7 @@ def _(scores, metric, r, num_prefix_tokens):
 @_define_op("fastprune::mstm_weighted_merge_triton", mutates_args=())
 def _weighted_merge_op(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor,
                        r: int, size_attn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.fastprune.mstm_weighted_merge_triton``: the weighted merge (launch 2).
+    """``torch.ops.fastprune.mstm_weighted_merge_triton``: the weighted merge (launch 3).
 
     ``(x [B, N, C], scores [B, N] fp32, size [B, N] fp32 or None, index [B, N] int64, r, size_attn)``
     -> ``(x' [B, N - r, C] in x's dtype, size' [B, N - r] fp32, W [B, N - r] fp32)``, ``W`` the merge
@@ -380,26 +260,20 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/aot.py): typical ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
-def _aot_specs() -> list[KernelSpec]:
-    """Every storage dtype and every launch-config branch, in a dozen instantiations (compiles are slow).
+def _aot_specs() -> list:
+    """MSTM's instantiations of the primitives, every storage dtype, in a few compiles (they are slow).
 
-    Select+match: N = 197 (ViT/16 at 224 px) in each dtype, 577 (384 px), and 2049 (the 8-warp
-    branch). Merge: with and without sizes, both weightings. Backward: all gradients with
-    ``size_attn``, and the ``x``+``size`` gradients of ``weight="size"``. C is a runtime argument.
+    The selection (N = 197) and the matching of 13 sources against 183 kept tokens with metric = x
+    (768 channels) are ``kernels/select.py``'s and ``kernels/match.py``'s own specs; here the
+    matching on head-mean keys (64 channels, one chunk); the merge with and without sizes, both
+    weightings; the backward with all gradients (``size_attn``) and the ``x``+``size`` gradients of
+    ``weight="size"``. C is a runtime argument.
     """
     def name(kind, dtype, extra):
         return f"{kind}[{str(dtype).replace('torch.', '')},{extra}]"
 
-    specs = []
-    for dtype, N in ((torch.float32, 197), (torch.float16, 197), (torch.bfloat16, 197), (torch.float16, 577),
-                     (torch.bfloat16, 2049)):
-        consts, warps = _select_match_config(N)
-        specs.append(KernelSpec(
-            name("mstm_select_match", dtype, f"N={N}"), _mstm_select_match_kernel,
-            dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 metric_ptr=PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
-                 index_ptr="*i64", N="i32", CM="i32", P="i32", K="i32"),
-            consts, warps))
+    specs = [match_spec(name("mstm_match", torch.bfloat16, "S=13,M=183,Cm=64,lists,map"), 13, 183, 64,
+                        torch.bfloat16, True, True, True)]
     for dtype, has_size, size_attn in ((torch.float32, True, False), (torch.float16, True, True),
                                        (torch.bfloat16, False, False), (torch.bfloat16, True, True)):
         variant = ("size_attn" if size_attn else "size") + ("" if has_size else ",ones")
