@@ -135,3 +135,19 @@ def test_registered_for_ahead_of_time_compilation():
     names = [s.name for s in aot.registered_specs()]
     assert any(n.startswith("select_topk[N=197,nan_first]") for n in names)
     assert any(n.startswith(f"select_topk[N={MAX_TOKENS},") for n in names)
+
+
+def test_methods_follow_their_nan_rule():
+    """EViT keeps NaN scores first (the reference's stable sort); IdleViT ranks them as ``-inf``."""
+    from fastprune import idle
+    from fastprune.evit import evit_tokens
+
+    x = torch.randn(2, 11, 8, device=DEVICE)
+    attn = torch.rand(2, 11, device=DEVICE)
+    attn[0, 3], attn[1, 5], attn[1, 6] = float("nan"), -float("nan"), float("nan")
+    got = evit_tokens(x, attn, 0.5, backend="triton")
+    assert torch.equal(got.index, evit_tokens(x, attn, 0.5, backend="reference").index)
+    assert (got.index[1, 5:7] < 6).all()  # both NaNs kept
+    sel = idle.select_tokens(attn, 5, 1, backend="triton")
+    assert torch.equal(sel.slot, idle.select_tokens(attn, 5, 1, backend="reference").slot)
+    assert not sel.keep[1, 5:7].any()
