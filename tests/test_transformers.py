@@ -1,5 +1,6 @@
 """fastprune.patch.transformers: Hugging Face ViT-family models, each built from a small random config
 (no download, no network), against the unpatched model, the schedule, the timm patch and revert."""
+import copy
 import functools
 
 import pytest
@@ -31,6 +32,14 @@ def _build(name: str, attn_implementation: str = "sdpa") -> nn.Module:
             t.Dinov2WithRegistersConfig(mlp_ratio=2, layerscale_value=0.5, num_register_tokens=2, **kw)),
         "clip": lambda: t.CLIPVisionModel(t.CLIPVisionConfig(intermediate_size=64, **kw)),
         "siglip": lambda: t.SiglipVisionModel(t.SiglipVisionConfig(intermediate_size=64, **kw)),
+        # heads that mean-pool the tokens
+        "dinov2_cls": lambda: t.Dinov2ForImageClassification(t.Dinov2Config(mlp_ratio=2, num_labels=5, **kw)),
+        "dinov2_reg_cls": lambda: t.Dinov2WithRegistersForImageClassification(
+            t.Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, num_labels=5, **kw)),
+        "clip_cls": lambda: t.CLIPForImageClassification(
+            t.CLIPConfig(vision_config=dict(kw, intermediate_size=64), num_labels=5)),
+        "siglip_cls": lambda: t.SiglipForImageClassification(
+            t.SiglipConfig(vision_config=dict(kw, intermediate_size=64), num_labels=5)),
     }
     torch.manual_seed(0)
     model = models[name]().eval()
@@ -43,6 +52,9 @@ def _build(name: str, attn_implementation: str = "sdpa") -> nn.Module:
 
 PREFIX = {"vit": 1, "vit_cls": 1, "deit": 2, "deit_teacher": 2, "dinov2": 1, "dinov2_reg": 3, "clip": 1, "siglip": 0}
 MODELS = tuple(PREFIX)
+#: mean-pooling classification models: their base model's attribute and ``p``
+GRID_MODELS = {"dinov2_cls": ("dinov2", 1), "dinov2_reg_cls": ("dinov2_with_registers", 3),
+               "clip_cls": ("vision_model", 1), "siglip_cls": ("vision_model", 0)}
 
 
 #: every method that applies, IdleViT included (it idles tokens instead of removing them)
@@ -67,17 +79,46 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> list:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + tuple(GRID_MODELS))
 def test_r0_equals_unpatched(name, attn):
     model = _build(name, attn)
     x = _images()
+    p = PREFIX[name] if name in PREFIX else GRID_MODELS[name][1]
     with torch.no_grad():
         ref = _outputs(model, x)
-        for method in ("tome", "merge") if PREFIX[name] else ("tome",):
+        for method in ("tome", "merge") if p else ("tome",):
             fastprune.patch.transformers(model, method=method, r=0)
             for a, b in zip(_outputs(model, x), ref, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-            assert hf.state(model).num_tokens == [IMAGE ** 2 // PATCH ** 2 + PREFIX[name]] * DEPTH
+            assert hf.state(model).num_tokens == [IMAGE ** 2 // PATCH ** 2 + p] * DEPTH
+
+
+@pytest.mark.parametrize("name", GRID_MODELS)
+def test_mean_pooling_heads_are_size_weighted(name):
+    """The head's plain mean over the full grid is the size-weighted mean over the reduced tokens."""
+    model = _build(name)
+    attr, p = GRID_MODELS[name]
+    plain = copy.deepcopy(getattr(model, attr))
+    x = _images()
+    method = "merge" if p else "tome"
+    fastprune.patch.transformers(model, method=method, r=4)
+    fastprune.patch.transformers(plain, method=method, r=4)
+    with torch.no_grad():
+        logits = model(x).logits
+        seq, size = plain(x).last_hidden_state, hf.state(plain).size
+        assert seq.shape[1] == 64 + p - 4 * DEPTH and torch.equal(hf.state(model).size, size)
+        w = size[:, p:, None]
+        pooled = (seq[:, p:] * w).sum(dim=1) / w.sum(dim=1)
+        if "dinov2" in name:
+            pooled = torch.cat([seq[:, 0], pooled], dim=1)
+        torch.testing.assert_close(logits, model.classifier(pooled), atol=1e-5, rtol=1e-5)
+        base_out = getattr(model, attr)(x).last_hidden_state  # the base model's output on the full grid
+        torch.testing.assert_close(base_out, fastprune.unmerge(seq, hf.state(model).index), atol=0, rtol=0)
+    model(x).logits.pow(2).mean().backward()  # gradients flow through the grid
+    grads = [p.grad for n, p in model.named_parameters() if "patch_embedding" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    hf.revert(model)
+    assert type(getattr(model, attr)) is type(plain) and not hasattr(getattr(model, attr), "_fastprune_grid")
 
 
 @pytest.mark.parametrize("name,method", list(_cases()))
@@ -220,6 +261,19 @@ def test_reconfigure():
     assert st.method.name == "evit" and st.r_applied == [0, 31, 0, 0]
 
 
+def test_deepcopy_has_its_own_state():
+    model = fastprune.patch.transformers(_build("dinov2"), method="idle", r=0.5)
+    twin = copy.deepcopy(model)
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(twin(x).last_hidden_state, model(x).last_hidden_state)
+    st = hf.state(twin)
+    assert st is not hf.state(model) and st.layers[0] is twin.encoder.layer[0]
+    assert st.views[0].norm1 is twin.encoder.layer[0].norm1 and twin.fastprune_record.__self__ is st
+    hf.revert(twin)
+    assert hf.is_patched(model) and not hf.is_patched(twin)
+
+
 def test_refused_with_clear_errors():
     t = transformers
     with pytest.raises(ValueError, match="class token"):
@@ -228,8 +282,8 @@ def test_refused_with_clear_errors():
         r, options = METHODS[method]
         with pytest.raises(ValueError, match="no class token"):
             fastprune.patch.transformers(_build("siglip"), method=method, r=r, **options)
-    with pytest.raises(ValueError, match="mean-pools"):
-        fastprune.patch.transformers(t.Dinov2ForImageClassification(t.Dinov2Config(mlp_ratio=2, **COMMON)))
+    with pytest.raises(TypeError, match="Dinov2Backbone is not supported"):
+        fastprune.patch.transformers(t.Dinov2Backbone(t.Dinov2Config(mlp_ratio=2, **COMMON)))
     with pytest.raises(TypeError, match="ViTForMaskedImageModeling is not supported"):
         fastprune.patch.transformers(t.ViTForMaskedImageModeling(t.ViTConfig(intermediate_size=64, **COMMON)))
     with pytest.raises(TypeError, match="Linear is not supported"):

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .. import _checks, schedules
 from ..attention import AttentionOutput, cls_attention, proportional_attention
+from ..functional import unmerge
 from ..schedules import RSpec
 from .registry import ReductionContext, ScheduleContext, block_r, get_method, resolve_options
 from .vit import PatchState, _patched_class  # the timm patch's class cache, shared
@@ -75,17 +76,15 @@ _WRAPPERS = {
     "DeiTForImageClassificationWithTeacher": "deit", "CLIPVisionModelWithProjection": "vision_model",
     "CLIPModel": "vision_model", "SiglipModel": "vision_model",
 }
-#: The model classes :func:`transformers` accepts (where the installed transformers has them).
-SUPPORTED_MODELS = tuple(_BASES) + tuple(_WRAPPERS)
-_MEAN_POOL = ("mean-pools the last hidden state without token sizes (a merged token would count as one "
-              "patch); patch its base model ({}) and pool with the sizes of fastprune.patch.hf.state(...).size")
-#: classes refused, with the reason
-_REFUSED = {
-    "Dinov2ForImageClassification": _MEAN_POOL.format("model.dinov2"),
-    "Dinov2WithRegistersForImageClassification": _MEAN_POOL.format("model.dinov2_with_registers"),
-    "CLIPForImageClassification": _MEAN_POOL.format("model.vision_model"),
-    "SiglipForImageClassification": _MEAN_POOL.format("model.vision_model"),
+#: wrapper class -> attribute holding its base model, for heads that mean-pool the last hidden state: the
+#: base model's ``last_hidden_state`` comes back on the full token grid (:func:`fastprune.unmerge`), so
+#: that plain mean over positions is the size-weighted mean over the reduced tokens
+_GRID_WRAPPERS = {
+    "Dinov2ForImageClassification": "dinov2", "Dinov2WithRegistersForImageClassification": "dinov2_with_registers",
+    "CLIPForImageClassification": "vision_model", "SiglipForImageClassification": "vision_model",
 }
+#: The model classes :func:`transformers` accepts (where the installed transformers has them).
+SUPPORTED_MODELS = tuple(_BASES) + tuple(_WRAPPERS) + tuple(_GRID_WRAPPERS)
 
 
 def _hf():
@@ -110,6 +109,8 @@ class HFPatchState(PatchState):
     head, or None) and the classes they had."""
 
     layers: list = field(default_factory=list, repr=False)
+    grid_base: Optional[nn.Module] = field(default=None, repr=False)  # base model whose output is unmerged
+    original_grid_class: Optional[type] = None
     views: list = field(default_factory=list, repr=False)  # a _TimmBlockView per layer, for block forwards
     head: Optional[nn.Module] = field(default=None, repr=False)
     original_head_class: Optional[type] = None
@@ -301,25 +302,35 @@ class _PatchedPoolingHead:
         return hidden_state[:, 0]
 
 
+class _PatchedGridOutput:
+    """Mixin put in front of the base model of a mean-pooling classification model: ``last_hidden_state``
+    on the full token grid, every position holding the token it went into (:func:`fastprune.unmerge`)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        index = self._fastprune_grid.index
+        if isinstance(out, tuple):
+            return (unmerge(out[0], index),) + tuple(out[1:])
+        out.last_hidden_state = unmerge(out.last_hidden_state, index)
+        return out
+
+
 @dataclass(frozen=True)
 class _Found:
     base: nn.Module
     layers: nn.ModuleList
     layout: _Layout
     num_prefix_tokens: int
+    grid_output: bool
 
 
 def _find(model: nn.Module) -> _Found:
     """The base model, its layers, their layout and ``p`` of a supported model; errors name what is not."""
-    refused = _classes(_REFUSED)
-    for name, cls in refused.items():
-        if isinstance(model, cls):
-            raise ValueError(f"{type(model).__name__} is not supported: it {_REFUSED[name]}")
-    base = model
-    for name, cls in _classes(_WRAPPERS).items():
-        if isinstance(model, cls):
-            base = getattr(model, _WRAPPERS[name])
-            break
+    base, grid = model, False
+    for wrappers in (_WRAPPERS, _GRID_WRAPPERS):
+        for name, cls in _classes(wrappers).items():
+            if isinstance(model, cls):
+                base, grid = getattr(model, wrappers[name]), wrappers is _GRID_WRAPPERS
     for name, cls in _classes(_BASES).items():
         if isinstance(base, cls):
             path, layout, prefix = _BASES[name]
@@ -343,7 +354,7 @@ def _find(model: nn.Module) -> _Found:
                              "layout fastprune follows")
         if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
             raise ValueError(f"{type(attn).__module__} has no eager_attention_forward (transformers layout changed)")
-    return _Found(base, layers, layout, int(prefix(base.config)))
+    return _Found(base, layers, layout, int(prefix(base.config)), grid)
 
 
 def _num_patches(config) -> int:
@@ -387,11 +398,13 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
     Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``, ``DeiTForImageClassification``
     (``WithTeacher``), ``Dinov2Model`` (LayerScale), ``Dinov2WithRegistersModel``, ``CLIPVisionModel``
     (``WithProjection``, and ``CLIPModel``'s vision tower), ``SiglipVisionModel`` (and ``SiglipModel``'s
-    vision tower). Prefix tokens: class (+ distillation for DeiT, + registers for DINOv2). Refused with
-    an error that says why: heads that mean-pool the tokens (``Dinov2ForImageClassification``,
-    ``CLIPForImageClassification``, ``SiglipForImageClassification``), masked-image-modeling and backbone
-    classes, class-attention methods (``"merge"``, ``"evit"``, ``"bat"``; ``"idle"`` at its first idle
-    layer) on SigLIP (no class token); at forward time ``attention_mask`` inputs, ``output_attentions`` and
+    vision tower), and the heads that mean-pool the tokens (``Dinov2ForImageClassification`` and its
+    registers variant, ``CLIPForImageClassification``, ``SiglipForImageClassification``): for them the
+    base model's ``last_hidden_state`` comes back on the full token grid (:func:`fastprune.unmerge`), so
+    the head's mean is size-weighted. Prefix tokens: class (+ distillation for DeiT, + registers for
+    DINOv2). Refused with an error that says why: masked-image-modeling and backbone classes,
+    class-attention methods (``"merge"``, ``"evit"``, ``"bat"``; ``"idle"`` at its first idle layer) on
+    SigLIP (no class token); at forward time ``attention_mask`` inputs, ``output_attentions`` and
     gradient checkpointing.
 
     Methods, ``r`` and options are exactly those of :func:`fastprune.patch.timm` (``timm(model)``'s
@@ -450,6 +463,10 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
         st.head, st.original_head_class = head, type(head)
         head.__class__ = _patched_class(type(head), _PatchedPoolingHead)
         head._fastprune = st
+    if found.grid_output:
+        st.grid_base, st.original_grid_class = found.base, type(found.base)
+        found.base.__class__ = _patched_class(type(found.base), _PatchedGridOutput)
+        found.base._fastprune_grid = st
     model._fastprune = st
     model.fastprune_record = st.record  # what fastprune.idle.cut_loss(model) reads
     return model
@@ -465,5 +482,8 @@ def revert(model: nn.Module) -> nn.Module:
     if st.head is not None:
         st.head.__class__ = st.original_head_class
         del st.head._fastprune
+    if st.grid_base is not None:
+        st.grid_base.__class__ = st.original_grid_class
+        del st.grid_base._fastprune_grid
     del model._fastprune, model.fastprune_record
     return model
