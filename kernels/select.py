@@ -9,8 +9,8 @@ number (as ``torch.sort`` puts them first), or, with ``NAN_LAST``, count as ``-i
 No sort and no host synchronisation: :func:`order_keys` maps each float32 score to an int32 key with
 the same order, :func:`kth_largest` finds the ``K``-th largest key by a radix search (8 steps of 4
 bits for ViT rows, each one reduction), and the ties at that key are resolved by a cumsum in token
-order (:func:`topk_mask`).
-The selection runs once per image: one program holds the image's whole score row in registers.
+order (:func:`topk_mask`). The selection runs once per image: one program holds the image's whole
+score row in registers.
 
 Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
 :func:`kth_largest`, :func:`topk_mask` (a register vector of keys) and :func:`topk_row` (a score row in

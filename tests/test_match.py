@@ -185,6 +185,19 @@ def test_select_then_match_is_the_mstm_index_map(B, N, C, p, r):
     assert torch.equal(sel.slot, mstm_merge(x, scores, r, num_prefix_tokens=p).index)
 
 
+@pytest.mark.parametrize("N,p", [(17, 1), (20, 2), (31, 0)])
+def test_ranges_are_tomes_bipartite_matching(N, p):
+    """ToMe: A tokens past the prefix against B tokens past it; ``partner + j0`` is the B index."""
+    from fastprune.tome import bipartite_soft_matching
+
+    metric = torch.randn(2, N, 12, device=DEVICE)
+    a0, b0 = p + p % 2, p + 1 - p % 2  # first non-prefix A (even) and B (odd) positions
+    got = cosine_match_triton(metric, range(a0, N, 2), range(b0, N, 2))
+    want = bipartite_soft_matching(metric, 1, p)
+    assert torch.equal(got.partner + b0 // 2, want.partner[:, a0 // 2:])
+    torch.testing.assert_close(got.best, want.score[:, a0 // 2:], atol=near_tie_eps(12), rtol=0)
+
+
 def test_registered_for_ahead_of_time_compilation():
     names = [s.name for s in aot.registered_specs()]
     for dtype in ("float32", "float16", "bfloat16"):
