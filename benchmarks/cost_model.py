@@ -162,23 +162,17 @@ def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype =
                   p: int = 1, CM: int = 64) -> list:
     """ToMe as kernels/tome.py composes it (metric = head-mean keys, ``CM`` channels): match, select,
     gather merge, backward."""
-    from fastprune.kernels.tome import _match_config, _select_config
+    from fastprune.kernels.tome import _select_config
 
     NA, NB = (N + 1) // 2, N // 2
+    NS, M = NA - (p + 1) // 2, NB - p // 2
     tag = _tag(dtype)
-    consts, warps = _match_config()
-    ba, bb = consts["BLOCK_A"], consts["BLOCK_B"]
-    tiles_a, tiles_b = math.ceil(NA / ba), math.ceil(NB / bb)
-    match = Launch(
-        "ToMe match (A vs B)", f"tome_match[{tag}]",
-        min_bytes=B * (N * CM * elt + NA * 8),
-        useful_flops=B * 2 * (NA - (p + 1) // 2) * (NB - p // 2) * CM,
-        written_flops=B * tiles_a * tiles_b * ba * bb * CM * 2, tensor_cores=False,  # IEEE fp32 tl.dot
-        programs=B * tiles_a, serial_steps_reduction=2 * tiles_b, serial_steps_load=tiles_b + 1, num_warps=warps)
+    match = _match_launch(B, NS, M, CM, dtype, elt, "ToMe match (A vs B)", f"cosine_match[{tag},S=98,M=98,Cm=64,ranges]",
+                          NS + M)
     consts, warps = _select_config(NA)
     select = Launch(
         "ToMe select (top-r by rank)", "tome_select[N=197]",
-        min_bytes=B * (NA * 8 + N * 8),
+        min_bytes=B * (NS * 12 + N * 8),
         useful_flops=0.0, written_flops=B * consts["BLOCK_NA"] * math.ceil(NA / consts["BLOCK_J"]) * consts["BLOCK_J"] * 4,
         tensor_cores=False, programs=B, serial_steps_reduction=math.ceil(NA / consts["BLOCK_J"]) + 2,
         serial_steps_load=2, num_warps=warps)

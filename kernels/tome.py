@@ -18,9 +18,11 @@ partners, same merged tokens, same output order and index map, same size-weighte
 Forward = three launches, no host synchronisation, no sort, no atomics, and no ``[B, N/2, N/2]``
 similarity matrix in global memory:
 
-* :func:`_tome_match_kernel` (grid ``(B, cdiv(NA, BLOCK_A))``): normalise, similarity and best partner
-  fused; a program holds a tile of A tokens and loops over tiles of B tokens with a running argmax.
-  Writes the best score and partner of every A token (``[B, NA]``).
+* the cosine matching, ``kernels/match.py`` (grid ``(B, cdiv(NA - p_A, BLOCK_I))``, tensor cores): a
+  program holds a tile of non-prefix A tokens and streams the non-prefix B tokens with a running
+  argmax; writes the best score and partner of every non-prefix A token. Near-ties (similarities
+  closer than :func:`fastprune.kernels.match.near_tie_eps`) may resolve otherwise than the float64
+  reference; exact ties go to the lower B index.
 * :func:`_tome_select_kernel` (grid ``(B,)``): the top-``r`` A tokens by an in-kernel rank
   (``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}``, exact, ties to the lower index), then the
   output order as the index map ``[B, N]``.
@@ -30,8 +32,7 @@ similarity matrix in global memory:
 Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradient w.r.t. ``x`` and, when
 needed, ``size``. Matching is not differentiable (nothing reaches ``metric``).
 
-All arithmetic is float32 whatever the storage dtype (fp32/fp16/bf16): values are converted on load
-and back on store.
+All accumulation is float32 whatever the storage dtype (fp32/fp16/bf16).
 """
 from __future__ import annotations
 
@@ -41,86 +42,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprune.reference import COSINE_EPS, Merged
+from fastprune.reference import Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
-from .weighted_merge import PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward
+from .match import _cosine_match_kernel, match_config
+from .weighted_merge import backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launch 1: normalise + similarity + best partner
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _tome_match_kernel(
-        metric_ptr, stride_mb, stride_mn, stride_mc,
-        score_ptr, partner_ptr,
-        NA, NB, CM, P,
-        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_CM: tl.constexpr, COS_EPS: tl.constexpr):
-    """Best B partner of one tile of ``BLOCK_A`` A tokens (positions ``2a``) of one image.
-
-    One program (image ``b``, A tokens ``a`` of its tile):
-
-    1. norms ``|m_a|`` (clamped to ``COS_EPS``) over ``BLOCK_CM`` chunks of the metric;
-    2. loops over tiles of ``BLOCK_B`` B tokens (positions ``2j + 1``): dot products accumulated over
-       the chunks with an fp32 IEEE ``tl.dot`` (``[BLOCK_A, BLOCK_CM] x [BLOCK_CM, BLOCK_B]``), divided
-       by both norms; prefix B tokens (``2j + 1 < P``) and padding get ``-inf``; a running max /
-       argmax (first maximum inside a tile, strictly greater across tiles: ties go to the lower j);
-    3. stores the best similarity (``-inf`` for prefix A tokens, which are never sources) and partner.
-
-    The ``[BLOCK_A, BLOCK_B]`` similarity tile lives in registers only. Memory traffic per program:
-    the metric of its A tile and of all B tokens (``(BLOCK_A + NB) Cm`` elements; re-reads across the
-    image's programs hit L2), ``8 BLOCK_A`` bytes written.
-    """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_a = tl.program_id(1)
-    metric_row = metric_ptr + pid_b * stride_mb
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    valid_a = offs_a < NA
-    pos_a = 2 * offs_a
-    offs_c = tl.arange(0, BLOCK_CM)
-
-    # 1. norms of the A tile
-    sq_a = tl.zeros([BLOCK_A], tl.float32)
-    for c0 in range(0, CM, BLOCK_CM):
-        cmask = (c0 + offs_c) < CM
-        m_a = tl.load(metric_row + pos_a[:, None] * stride_mn + (c0 + offs_c)[None, :] * stride_mc,
-                      mask=valid_a[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        sq_a += tl.sum(m_a * m_a, axis=1)
-    norm_a = tl.maximum(tl.sqrt(sq_a), COS_EPS)
-
-    # 2. running argmax over the B tiles
-    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    partner = tl.zeros([BLOCK_A], tl.int32)
-    for j0 in range(0, NB, BLOCK_B):
-        offs_j = j0 + tl.arange(0, BLOCK_B)
-        valid_j = offs_j < NB
-        pos_j = 2 * offs_j + 1
-        dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        sq_j = tl.zeros([BLOCK_B], tl.float32)
-        for c0 in range(0, CM, BLOCK_CM):
-            cmask = (c0 + offs_c) < CM
-            m_a = tl.load(metric_row + pos_a[:, None] * stride_mn + (c0 + offs_c)[None, :] * stride_mc,
-                          mask=valid_a[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            m_jt = tl.load(metric_row + pos_j[None, :] * stride_mn + (c0 + offs_c)[:, None] * stride_mc,
-                           mask=cmask[:, None] & valid_j[None, :], other=0.0).to(tl.float32)
-            dots += tl.dot(m_a, m_jt, input_precision="ieee")
-            sq_j += tl.sum(m_jt * m_jt, axis=0)
-        norm_j = tl.maximum(tl.sqrt(sq_j), COS_EPS)
-        sim = dots / (norm_a[:, None] * norm_j[None, :])
-        sim = tl.where((valid_j & (pos_j >= P))[None, :], sim, float("-inf"))
-        tile_best = tl.max(sim, axis=1)
-        tile_arg = tl.argmax(sim, axis=1, tie_break_left=True).to(tl.int32) + j0
-        better = tile_best > best
-        partner = tl.where(better, tile_arg, partner)
-        best = tl.where(better, tile_best, best)
-
-    # 3. prefix A tokens are never sources
-    best = tl.where(pos_a >= P, best, float("-inf"))
-    tl.store(score_ptr + pid_b * NA + offs_a, best, mask=valid_a)
-    tl.store(partner_ptr + pid_b * NA + offs_a, partner, mask=valid_a)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,40 +62,43 @@ def _tome_select_kernel(
         BLOCK_NA: tl.constexpr, BLOCK_J: tl.constexpr):
     """Top-``r`` selection and the output order of one image (one program per image).
 
-    1. rank of every non-prefix A token among the non-prefix A tokens,
+    ``score [B, NS]`` and ``partner [B, NS]`` (int64) are the best similarity and the best partner
+    (index among the non-prefix B tokens) of the ``NS = NA - A0`` non-prefix A tokens, ``A0 = (P + 1) // 2``:
+
+    1. rank of every non-prefix A token among them,
        ``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}``, counted in ``[BLOCK_NA, BLOCK_J]``
        comparison tiles (``O(NA^2)`` comparisons, no sort, no host sync); merged iff ``rank_i < R``;
     2. output slots: prefix tokens keep their position; unmerged A tokens follow in order
-       (``P + cumsum - 1``); non-prefix B token ``j`` goes to ``P + n_unmerged + j - P // 2``; a merged
+       (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + n_unmerged + j``; a merged
        A token maps to its partner's slot;
     3. stores the index map ``index[b, pos]`` (int64).
 
-    Memory traffic: reads ``8 NA`` bytes (the scores are re-read per ``BLOCK_J`` chunk from L1/L2),
+    Memory traffic: reads ``12 NS`` bytes (the scores are re-read per ``BLOCK_J`` chunk from L1/L2),
     writes ``8 N`` bytes.
     """
     pid_b = tl.program_id(0).to(tl.int64)
+    A0 = (P + 1) // 2
+    NS = NA - A0
     offs = tl.arange(0, BLOCK_NA)
     valid = offs < NA
     pos_a = 2 * offs
-    candidate = valid & (pos_a >= P)
-    s = tl.load(score_ptr + pid_b * NA + offs, mask=valid, other=float("-inf"))
+    candidate = valid & (offs >= A0)
+    s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
 
     # 1. ranks
     rank = tl.zeros([BLOCK_NA], tl.int32)
     for j0 in range(0, NA, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        valid_j = offs_j < NA
-        s_j = tl.load(score_ptr + pid_b * NA + offs_j, mask=valid_j, other=float("-inf"))
+        member_j = (offs_j < NA) & (offs_j >= A0)
+        s_j = tl.load(score_ptr + pid_b * NS + offs_j - A0, mask=member_j, other=float("-inf"))
         ahead = (s_j[None, :] > s[:, None]) | ((s_j[None, :] == s[:, None]) & (offs_j[None, :] < offs[:, None]))
-        ahead = ahead & (valid_j & (2 * offs_j >= P))[None, :]
-        rank += tl.sum(ahead.to(tl.int32), axis=1)
+        rank += tl.sum((ahead & member_j[None, :]).to(tl.int32), axis=1)
     merged = candidate & (rank < R)
     unmerged = candidate & (rank >= R)
 
     # 2. slots
-    n_unmerged = NA - (P + 1) // 2 - R
-    b_base = P + n_unmerged - P // 2  # slot of non-prefix B token j is b_base + j
-    partner = tl.load(partner_ptr + pid_b * NA + offs, mask=valid, other=0)
+    b_base = P + NS - R  # slot of the j-th non-prefix B token is b_base + j
+    partner = tl.load(partner_ptr + pid_b * NS + offs - A0, mask=candidate, other=0).to(tl.int32)
     slot_unmerged = P + tl.cumsum(unmerged.to(tl.int32), axis=0) - 1
     slot_a = tl.where(pos_a < P, pos_a, tl.where(merged, b_base + partner, slot_unmerged))
 
@@ -175,19 +107,13 @@ def _tome_select_kernel(
 
     valid_b = offs < NB
     pos_b = 2 * offs + 1
-    slot_b = tl.where(pos_b < P, pos_b, b_base + offs)
+    slot_b = tl.where(pos_b < P, pos_b, b_base + offs - P // 2)
     tl.store(index_ptr + pid_b * N + pos_b, slot_b.to(tl.int64), mask=valid_b)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
-def _match_config() -> tuple[dict, int]:
-    """32 x 32 similarity tiles over 32-channel chunks, 8 warps: no register spills on sm_80/sm_90
-    (fp32 IEEE dots with 4 warps or 64-wide tiles spill)."""
-    return dict(BLOCK_A=32, BLOCK_B=32, BLOCK_CM=32, COS_EPS=COSINE_EPS), 8
-
-
 def _select_config(NA: int) -> tuple[dict, int]:
     """``BLOCK_NA >= NA`` (a power of two); the comparison tile ``BLOCK_NA x BLOCK_J`` stays <= 4096."""
     block_na = max(16, triton.next_power_of_2(NA))
@@ -199,20 +125,30 @@ def _select_config(NA: int) -> tuple[dict, int]:
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 def _match_and_select(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
-    """Launches 1 and 2: the index map ``[B, N]`` int64, for ``1 <= r <= (N - p) // 2``."""
+    """Launches 1 and 2: the index map ``[B, N]`` int64, for ``1 <= r <= (N - p) // 2``.
+
+    Matching is ``kernels/match.py``'s: the non-prefix A tokens (even positions ``>= p``) against the
+    non-prefix B tokens (odd positions ``>= p``), as position ranges.
+    """
     B, N, CM = metric.shape
+    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
     NA, NB = (N + 1) // 2, N // 2
+    a0, b0 = (p + 1) // 2, p // 2  # prefix A and B tokens
+    NS, M = NA - a0, NB - b0
     dev = metric.device
-    score = torch.empty(B, NA, dtype=torch.float32, device=dev)
-    partner = torch.empty(B, NA, dtype=torch.int32, device=dev)
-    consts, num_warps = _match_config()
-    _tome_match_kernel[(B, triton.cdiv(NA, consts["BLOCK_A"]))](
-        metric, metric.stride(0), metric.stride(1), metric.stride(2), score, partner,
-        NA, NB, CM, p, **consts, num_warps=num_warps)
+    best = torch.empty(B, NS, dtype=torch.float32, device=dev)
+    partner = torch.empty(B, NS, dtype=torch.int64, device=dev)
+    consts, num_warps = match_config(NS, M, CM, metric.dtype)
+    _cosine_match_kernel[(B, triton.cdiv(NS, consts["BLOCK_I"]))](
+        metric, metric.stride(0), metric.stride(1),
+        partner, 0, 0, 2 * a0, 2, NS,
+        partner, 0, 0, 2 * b0 + 1, 2, M,
+        best, partner, partner, 0, 0, CM,
+        SRC_LIST=False, CAND_LIST=False, WRITE_MAP=False, **consts, num_warps=num_warps)
 
     index = torch.empty(B, N, dtype=torch.int64, device=dev)
     consts, num_warps = _select_config(NA)
-    _tome_select_kernel[(B,)](score, partner, index, N, NA, NB, p, r, **consts, num_warps=num_warps)
+    _tome_select_kernel[(B,)](best, partner, index, N, NA, NB, p, r, **consts, num_warps=num_warps)
     return index
 
 
@@ -288,16 +224,11 @@ def tome_merge_triton(x: torch.Tensor, r: int, metric: Optional[torch.Tensor] = 
 # Ahead-of-time compile specs (see kernels/aot.py): typical ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
 def _aot_specs() -> list[KernelSpec]:
+    """ToMe's own selection kernel, and its instantiations of the weighted merge, every storage dtype.
+    Its matching at N = 197 (98 A x 98 B tokens, ranges) is ``kernels/match.py``'s own spec."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        t = PTR[dtype]
         tag = str(dtype).replace("torch.", "")
-        consts, warps = _match_config()
-        specs.append(KernelSpec(
-            f"tome_match[{tag}]", _tome_match_kernel,
-            dict(metric_ptr=t, stride_mb="i32", stride_mn="i32", stride_mc="i32",
-                 score_ptr="*fp32", partner_ptr="*i32", NA="i32", NB="i32", CM="i32", P="i32"),
-            consts, warps))
         for has_size in (False, True):
             specs.append(merge_spec(f"tome_merge[{tag},{'size' if has_size else 'ones'}]", dtype, has_size, False))
         specs.append(backward_spec(f"tome_merge_backward[{tag},size]", dtype, True, False, True, False, True))
@@ -305,7 +236,7 @@ def _aot_specs() -> list[KernelSpec]:
         consts, warps = _select_config((N + 1) // 2)
         specs.append(KernelSpec(
             f"tome_select[N={N}]", _tome_select_kernel,
-            dict(score_ptr="*fp32", partner_ptr="*i32", index_ptr="*i64", N="i32", NA="i32", NB="i32",
+            dict(score_ptr="*fp32", partner_ptr="*i64", index_ptr="*i64", N="i32", NA="i32", NB="i32",
                  P="i32", R="i32"),
             consts, warps))
     return specs

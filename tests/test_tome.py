@@ -237,13 +237,14 @@ def test_kernel_gradients_match_reference(with_size):
 
 
 def test_kernels_registered_for_ahead_of_time_compilation():
-    """tests/test_aot.py compiles every registered spec for sm_80 and sm_90; ToMe's four kernels are there."""
+    """tests/test_aot.py compiles every registered spec for sm_80 and sm_90; ToMe's launches are there
+    (its matching at N = 197 is kernels/match.py's 98 x 98 range spec)."""
     from fastprune.kernels import aot
 
     names = [s.name for s in aot.registered_specs()]
     for dtype in ("float32", "float16", "bfloat16"):
-        for kernel in (f"tome_match[{dtype}]", f"tome_merge[{dtype},ones]", f"tome_merge[{dtype},size]",
-                       f"tome_merge_backward[{dtype},size]"):
+        for kernel in (f"cosine_match[{dtype},S=98,M=98,Cm=64,ranges]", f"tome_merge[{dtype},ones]",
+                       f"tome_merge[{dtype},size]", f"tome_merge_backward[{dtype},size]"):
             assert kernel in names
     assert {"tome_select[N=197]", "tome_select[N=577]", "tome_select[N=2049]"} <= set(names)
 
