@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import _checks, _ext
+from . import _checks, _ext, reference
 
 #: Every backend name.
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
@@ -28,7 +28,7 @@ _warned_no_ext = False
 def resolve_backend(backend: str, x: torch.Tensor, supported: tuple = TRITON_BACKENDS) -> str:
     """The backend that runs: ``"triton"``, ``"cpp"`` or ``"reference"``.
 
-    ``"auto"`` gives Triton on CUDA tensors; on CPU tensors the C++ kernels when ``"cpp"`` is in
+    ``"auto"`` gives the reference under ``torch.onnx.export``, Triton on CUDA tensors; on CPU tensors the C++ kernels when ``"cpp"`` is in
     ``supported`` and the extension is built (else the reference, with a one-time warning), and the
     reference otherwise. ``"cuda"`` runs as ``"cpp"`` on CUDA tensors. A method whose ``supported``
     lacks ``"cuda"`` has no CUDA C++ kernels: there ``"cpp"`` needs CPU tensors.
@@ -45,6 +45,8 @@ def resolve_backend(backend: str, x: torch.Tensor, supported: tuple = TRITON_BAC
         raise ValueError(f"backend='cpp' runs this method's C++ kernels on CPU tensors only, but x is on "
                          f"{x.device}: use backend='triton' or 'auto'")
     if backend == "auto":
+        if reference.onnx_exporting():  # ONNX knows the reference's ops, not the kernels
+            return "reference"
         if x.is_cuda:
             return "triton"
         if "cpp" not in supported:

@@ -51,8 +51,8 @@ from typing import Optional
 import torch
 
 from . import _checks, _ext, backends
-from .reference import (COSINE_EPS, BATCounts, Merged, compute_dtype, merge_weights, topk_keep_mask,
-                        true_positions, weighted_merge)
+from .reference import (COSINE_EPS, BATCounts, Merged, compute_dtype, merge_weights, pairwise_distance,
+                        stable_order, topk_keep_mask, true_positions, weighted_merge)
 from .schedules import DEFAULT_KEEP_RATE, DEFAULT_LAYERS, check_keep_rate, kept_count
 
 __all__ = ["bat_tokens", "bat", "bat_reference", "bat_plan", "bat_index", "BATCounts", "decouple",
@@ -117,7 +117,7 @@ def attentive_token_matching(metric: torch.Tensor, attentive: torch.Tensor, K: i
     sim = _gather_tokens(m, a_idx) @ _gather_tokens(m, b_idx).transpose(1, 2)  # [B, |A|, |B|]
     partner = sim.argmax(dim=-1)  # first maximum: lower index
     best = sim.gather(-1, partner[..., None]).squeeze(-1)
-    chosen = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
+    chosen = stable_order(best)[:, :r]
     return a_idx.gather(1, chosen), b_idx.gather(1, partner.gather(1, chosen))
 
 
@@ -138,7 +138,7 @@ def dpc_knn(metric: torch.Tensor, inattentive: torch.Tensor, n: int, c: int,
     idx = true_positions(inattentive, n)  # [B, n]
     B = idx.shape[0]
     m = _gather_tokens(metric.to(compute_dtype(metric)), idx)
-    D = torch.cdist(m, m, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(m.shape[-1])  # [B, n, n]
+    D = pairwise_distance(m) / math.sqrt(m.shape[-1])  # [B, n, n]
     eye = torch.eye(n, dtype=torch.bool, device=m.device)
 
     if k > 0:
@@ -155,7 +155,7 @@ def dpc_knn(metric: torch.Tensor, inattentive: torch.Tensor, n: int, c: int,
     log_score = log_density + delta.log()  # log(rho * delta)
 
     centres = torch.zeros(B, n, dtype=torch.bool, device=m.device)
-    centres.scatter_(1, torch.sort(log_score, dim=1, descending=True, stable=True).indices[:, :c], True)
+    centres.scatter_(1, stable_order(log_score)[:, :c], True)
     nearest = D.masked_fill(~centres[:, None, :], float("inf")).argmin(dim=-1)  # first minimum
     nearest = torch.where(centres, torch.arange(n, device=m.device).expand(B, n), nearest)
     cluster = (torch.cumsum(centres.long(), dim=1) - 1).gather(1, nearest)

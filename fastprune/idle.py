@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from . import _checks, backends
 from .attention import attention_forward, attention_qkv, cls_attention
 from .idle_loss import CUT_LOSS_WEIGHT, token_cut_loss, token_cut_loss_reference
-from .reference import output_slots, topk_keep_mask
+from .reference import output_slots, topk_keep_mask, true_positions
 from .schedules import DEFAULT_KEEP_RATE, idle_keep_count, idle_schedule, idle_stage
 
 __all__ = [
@@ -218,9 +218,7 @@ def select_tokens(scores: torch.Tensor, k: int, num_prefix_tokens: int = 1, *,
         return IdleSelection(slot >= 0, index, slot)
     scores = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
     keep = topk_keep_mask(scores, k, p)
-    # selected positions in increasing order: a stable sort puts the selected tokens first, in their order
-    # (a fixed [B, p + k] shape, unlike nonzero(), so torch.compile traces it without a graph break)
-    index = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :p + k]
+    index = true_positions(keep, p + k)  # selected positions in increasing order, a fixed [B, p + k] shape
     slot = torch.where(keep, output_slots(keep), -1)
     return IdleSelection(keep, index, slot)
 

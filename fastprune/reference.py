@@ -55,6 +55,47 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def onnx_exporting() -> bool:
+    """True while ``torch.onnx.export`` traces (then ``backend="auto"`` is the reference and the
+    reference avoids the ops ONNX lacks: stable sort, ``cdist``)."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
+def stable_order(values: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """``[B, M]`` int64: each row's indices in stable sorted order (ties: lower index first; NaN
+    counts as larger than every number, as in ``torch.sort``).
+
+    Under ONNX export (ONNX has no stable sort) the order comes from ranks, ``rank_i = #{j before
+    i}``, with ``O(M^2)`` comparisons; otherwise ``torch.sort(stable=True)``.
+    """
+    if not onnx_exporting():
+        return torch.sort(values, dim=1, descending=descending, stable=True).indices
+    return _rank_order(values, descending)
+
+
+def _rank_order(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """:func:`stable_order` by ranks: ``j`` goes before ``i`` if it is strictly better, or equal and lower."""
+    M = values.shape[1]
+    v, w = values[:, :, None], values[:, None, :]  # i along dim 1, j along dim 2
+    better, tied = ((w > v) if descending else (w < v)), w == v
+    if values.is_floating_point():
+        nan_v, nan_w = torch.isnan(v), torch.isnan(w)
+        better = (better & ~nan_v & ~nan_w) | ((nan_w & ~nan_v) if descending else (nan_v & ~nan_w))
+        tied = tied | (nan_v & nan_w)
+    pos = torch.arange(M, device=values.device)
+    rank = (better | (tied & (pos[None, :] < pos[:, None]))).sum(dim=2)  # [B, M]
+    return torch.zeros_like(rank).scatter_(1, rank, pos.expand_as(rank).contiguous())
+
+
+def pairwise_distance(m: torch.Tensor) -> torch.Tensor:
+    """``[B, n, n]`` Euclidean distances between the rows of ``m`` ``[B, n, C]``, by differences
+    (no ``|a|^2 + |b|^2 - 2 a.b`` cancellation). Under ONNX export (ONNX has no ``cdist``) the
+    differences are formed explicitly, ``O(n^2 C)`` memory."""
+    if not onnx_exporting():
+        return torch.cdist(m, m, compute_mode="donot_use_mm_for_euclid_dist")
+    return (m[:, :, None, :] - m[:, None, :, :]).pow(2).sum(dim=-1).sqrt()
+
+
 def topk_keep_mask(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> torch.Tensor:
     """Top-k selection: ``[B, N]`` bool mask of prefix tokens plus the ``k`` highest-scoring others.
 
@@ -62,7 +103,7 @@ def topk_keep_mask(scores: torch.Tensor, k: int, num_prefix_tokens: int) -> torc
     """
     B, N = scores.shape
     p = num_prefix_tokens
-    order = torch.sort(scores[:, p:], dim=1, descending=True, stable=True).indices  # [B, N - p]
+    order = stable_order(scores[:, p:])  # [B, N - p]
     keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
     keep[:, :p] = True
     keep.scatter_(1, order[:, :k] + p, True)
@@ -77,11 +118,14 @@ def output_slots(keep: torch.Tensor) -> torch.Tensor:
 def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
     """``[B, count]`` int64: the positions where each row of ``mask`` is True, ascending.
 
-    Every row must hold exactly ``count`` True entries. A stable sort of the mask rather than
+    Every row must hold exactly ``count`` True entries. A scatter by running count rather than
     ``nonzero()``, so that the shape is known without looking at the data (``torch.compile`` with
-    ``fullgraph=True`` and ``torch.export`` trace it).
+    ``fullgraph=True``, ``torch.export`` and ONNX export trace it).
     """
-    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+    B, N = mask.shape
+    slot = torch.where(mask, torch.cumsum(mask.long(), dim=1) - 1, count)  # False entries: a spare column
+    pos = torch.arange(N, device=mask.device).expand(B, N).contiguous()
+    return torch.zeros(B, count + 1, dtype=torch.long, device=mask.device).scatter_(1, slot, pos)[:, :count]
 
 
 def cosine_best_kept(metric: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

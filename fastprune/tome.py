@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _checks, _ext, backends
-from .reference import COSINE_EPS, Merged, compute_dtype, weighted_merge
+from .reference import COSINE_EPS, Merged, compute_dtype, stable_order, weighted_merge
 from .schedules import TOME_SCHEDULES as SCHEDULES, check_count, tome_schedule
 
 __all__ = [
@@ -118,7 +118,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     score = sim.gather(2, partner[..., None]).squeeze(2)
 
     # 4. the r A tokens with the highest best-partner similarity merge (ties: lower A index)
-    ranked = torch.sort(score, dim=1, descending=True, stable=True).indices
+    ranked = stable_order(score)
     merged = torch.zeros_like(score, dtype=torch.bool).scatter_(1, ranked[:, :r], True)
 
     # 5. output order: prefix tokens, unmerged A tokens, B tokens, each group in original order
@@ -127,7 +127,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
     merged_pos = torch.zeros(B, N, dtype=torch.bool, device=device)
     merged_pos[:, 0::2] = merged
     order_key = (group * N + pos).expand(B, N).masked_fill(merged_pos, 3 * N)  # merged tokens last
-    stays_sorted = torch.sort(order_key, dim=1).indices  # [B, N]: output slot t holds input position
+    stays_sorted = stable_order(order_key, descending=False)  # [B, N]: output slot t holds input position
     slot = torch.empty(B, N, dtype=torch.long, device=device)
     slot.scatter_(1, stays_sorted, pos.expand(B, N).contiguous())
     partner_pos = (2 * partner + 1)  # input position of every A token's partner, [B, NA]
