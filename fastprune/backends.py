@@ -28,10 +28,11 @@ _warned_no_ext = False
 def resolve_backend(backend: str, x: torch.Tensor, supported: tuple = TRITON_BACKENDS) -> str:
     """The backend that runs: ``"triton"``, ``"cpp"`` or ``"reference"``.
 
-    ``"auto"`` gives the reference under ``torch.onnx.export``, Triton on CUDA tensors; on CPU tensors the C++ kernels when ``"cpp"`` is in
-    ``supported`` and the extension is built (else the reference, with a one-time warning), and the
-    reference otherwise. ``"cuda"`` runs as ``"cpp"`` on CUDA tensors. A method whose ``supported``
-    lacks ``"cuda"`` has no CUDA C++ kernels: there ``"cpp"`` needs CPU tensors.
+    ``"auto"`` gives the reference under ``torch.onnx.export``, Triton on CUDA tensors; on CPU
+    tensors the C++ kernels when ``"cpp"`` is in ``supported`` and the extension is built (else the
+    reference, with a one-time warning), and the reference otherwise. ``"cuda"`` runs as ``"cpp"``
+    on CUDA tensors. A method whose ``supported`` lacks ``"cuda"`` has no CUDA C++ kernels: there
+    ``"cpp"`` needs CPU tensors.
 
     Raises:
         ValueError: ``backend`` not in ``supported``; ``backend="cuda"`` with tensors off CUDA;
