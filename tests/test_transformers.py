@@ -250,6 +250,20 @@ def test_wrappers_patch_their_vision_tower():
     with pytest.raises(ValueError, match="already patched"):
         fastprune.patch.transformers(model.vision_model, method="tome", r=2)
 
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    siglip = t.SiglipModel(t.SiglipConfig(vision_config=dict(COMMON, intermediate_size=64), text_config=text)).eval()
+    fastprune.patch.transformers(siglip, method="tome", r=4)
+    with torch.no_grad():
+        assert siglip.get_image_features(x).pooler_output.shape == (2, 32)
+    assert hf.state(siglip).num_tokens == [64, 60, 56, 52] and hf.state(siglip).head is siglip.vision_model.head
+
+    clip = t.CLIPVisionModelWithProjection(t.CLIPVisionConfig(intermediate_size=64, projection_dim=8, **COMMON))
+    fastprune.patch.transformers(clip.eval(), method="evit", r=0.5, layers=(1,))
+    with torch.no_grad():
+        assert clip(x).image_embeds.shape == (2, 8)
+    assert hf.state(clip).num_tokens == [65, 65, 34, 34]
+
 
 def test_reconfigure():
     model = _build("vit_cls")

@@ -10,7 +10,8 @@
 
 The same methods, options and schedules as :func:`fastprune.patch.timm` (the registry of
 :mod:`fastprune.patch.registry`; per-forward state is a :class:`~fastprune.patch.vit.PatchState`). Every
-encoder layer's class is swapped for a thin subclass; no parameter or buffer is touched. Written against
+encoder layer's class is swapped for a thin subclass (and SigLIP's pooling head's, and the base model's
+of a mean-pooling classifier); no parameter or buffer is touched. Written against
 transformers 5.24 (``q_proj``/``k_proj``/``v_proj`` attention, ``config._attn_implementation``);
 transformers is imported only when a model is patched.
 """
