@@ -154,8 +154,16 @@ def mstm_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype =
     return [_select_launch(B, N, K, p, "MSTM select (top-k)"),
             _match_launch(B, r, K, C, dtype, elt, "MSTM match (sources vs kept)",
                           f"cosine_match[{tag},S=13,M=183,Cm=768,lists,map]", r + K),
-            *_merge_launches(B, N, C, N - r, r, elt, True, True, "MSTM",
-                             "mstm_weighted_merge[bfloat16,size_attn]", "mstm_merge_backward[float16,size_attn]")]
+            *_merge_launches(B, N, C, N - r, r, elt, True, True, "MSTM", *_MSTM_MERGE_AOT[tag])]
+
+
+#: The registered MSTM merge instantiation of each dtype (forward, backward); float32's forward is the
+#: ``weight="size"`` one (the kernel differs only by the score load).
+_MSTM_MERGE_AOT = {
+    "float32": ("mstm_weighted_merge[float32,size]", "mstm_merge_backward[float32,size_attn]"),
+    "float16": ("mstm_weighted_merge[float16,size_attn]", "mstm_merge_backward[float16,size_attn]"),
+    "bfloat16": ("mstm_weighted_merge[bfloat16,size_attn]", "mstm_merge_backward[bfloat16,size]"),
+}
 
 
 def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype = torch.bfloat16,

@@ -16,8 +16,8 @@ most similar kept token; ToMe: prefix, unmerged A tokens, B tokens, merged A tok
 partner; BAT: survivors, pairs and clusters), so one forward kernel and one backward kernel serve
 them all:
 
-* :func:`_weighted_merge_kernel` (grid ``(B, cdiv(S, ROWS), cdiv(C, BLOCK_C))``): a gather. A program
-  owns ``ROWS`` output rows and ``BLOCK_C`` channels; it reads the image's index row once, finds
+* :func:`_weighted_merge_kernel` (grid ``(B, cdiv(S, ROWS), cdiv(C, C_SPLIT))``): a gather. A program
+  owns ``ROWS`` output rows and ``C_SPLIT`` channels; it reads the image's index row once, finds
   the tokens sent to each of its rows, and reads each of those token rows once.
 * :func:`_weighted_merge_backward_kernel` (grid ``(B, cdiv(N, BLOCK_I))``): a program owns
   ``BLOCK_I`` input tokens and gathers the output gradient of each token's destination.
@@ -259,15 +259,15 @@ def _weighted_merge_backward_kernel(
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
 def merge_config(N: int, C: int, has_size: bool, size_attn: bool) -> tuple[dict, int]:
-    """8 output rows x up to 768 channels a program, in ``[8, 256]`` chunks: the index scan and the
-    weight totals are done once per row tile, and ViT-B/L need one or two programs across C. The
-    ``[8, BLOCK_N]`` comparison tile, not the chunk, sets the registers (75 on sm_90 at N = 197 with
-    8 warps: 24 warps resident per SM)."""
+    """4 output rows x up to 768 channels a program, in ``[4, 256]`` chunks: the index scan and the
+    weight totals are done once per row tile, ViT-B/L need one or two programs across C, and small
+    programs keep many resident (64 registers on sm_90 at N = 197 with 4 warps: 8 programs per SM).
+    The ``[4, BLOCK_N]`` comparison tile, not the chunk, sets the registers."""
     block_n = max(16, triton.next_power_of_2(N))
     block_c = min(256, max(16, triton.next_power_of_2(C)))
-    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=8,
+    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=4,
                   C_SPLIT=3 * block_c, BLOCK_C=block_c)
-    return consts, (4 if block_n <= 64 else 8)
+    return consts, (4 if block_n <= 256 else 8)
 
 
 def backward_config(has_size: bool, size_attn: bool, need_gx: bool, need_gscores: bool,
