@@ -31,10 +31,11 @@ import torch
 
 from .evaluation.data import (DEFAULT_SPLIT, DEFAULT_WEIGHTS, DTYPES, IMAGE_SUFFIXES, IMAGES_DIR, SPLITS, SYNSETS_FILE, Images,
                               LabelledImages, default_data_dir, default_weights, device_label, image_files,
-                              load_images, load_model, read_synsets, split_files, add_split_arguments)
+                              load_images, load_model, read_synsets, split_files, add_model_arguments,
+                              add_split_arguments)
 from .evaluation.runner import COLUMNS, Result, compare, evaluate_setting, evaluate_settings, format_table
-from .evaluation.settings import (DEFAULT_SETTINGS, RECOMMENDED_SETTING, Setting, count_gflops, parse_setting,
-                                  setting_gflops)
+from .evaluation.settings import (DEFAULT_SETTINGS, RECOMMENDED_SETTING, Setting, count_gflops, load_setting,
+                                  parse_setting, setting_gflops)
 from .schedules import RSpec
 
 __all__ = ["DEFAULT_WEIGHTS", "DTYPES", "IMAGE_SUFFIXES", "IMAGES_DIR", "SPLITS", "SYNSETS_FILE", "Images",
@@ -49,19 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m fastprune.evaluate",
         description="Accuracy, GFLOPs and throughput of token reduction on a pretrained timm ViT and a folder "
                     "of labelled ImageNet images. Settings: 'none' or METHOD:R[:KEY=VALUE...], R an int, a keep "
-                    "rate in (0, 1] or a per-block list like 0*3,16*9 or 0*2,21..12 (V*K repeats, A..B ramps).")
-    parser.add_argument("--model", default="vit_tiny_patch16_224",
-                        help="timm model name (vit_tiny_patch16_224, deit_tiny_patch16_224, ...)")
-    parser.add_argument("--weights", type=pathlib.Path, default=None,
-                        help="safetensors state dict (default: the model's file in <data>/weights)")
-    parser.add_argument("--data", type=pathlib.Path, default=None,
-                        help="data directory (default: $FASTPRUNE_DATA or ../shared/data next to the repository)")
+                    "rate in (0, 1] or a per-block list like 0*3,16*9 or 0*2,21..12 (V*K repeats, A..B ramps), or "
+                    "file:PATH, a setting saved by python -m fastprune.calibrate.")
+    add_model_arguments(parser)
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N images of the split, sorted by file name")
     add_split_arguments(parser)
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
                         help="settings to evaluate; the unreduced model 'none' always runs first "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--schedule", nargs="+", default=[], type=pathlib.Path, metavar="JSON",
+                        help="settings saved by python -m fastprune.calibrate, evaluated after --settings "
+                             "(the same as --settings file:JSON)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run (default: cuda if available, else cpu)")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> List[Result]:
     """Evaluate ``args.settings`` (baseline first) and return the compared results."""
-    settings = [parse_setting(s) for s in args.settings]
+    settings = [parse_setting(s) for s in args.settings] + [load_setting(p) for p in args.schedule]
     settings = [Setting()] + [s for s in settings if s.reduces]
     if args.threads is not None:
         if args.threads < 1:

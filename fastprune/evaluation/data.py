@@ -124,6 +124,16 @@ def split_files(files: Sequence[pathlib.Path], split: str = "all") -> List[pathl
     return files[0::2] if split == "tune" else files[1::2]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--weights`` and ``--data`` of the command lines (see :func:`load_model`)."""
+    parser.add_argument("--model", default="vit_tiny_patch16_224",
+                        help="timm model name (vit_tiny_patch16_224, deit_tiny_patch16_224, ...)")
+    parser.add_argument("--weights", type=pathlib.Path, default=None,
+                        help="safetensors state dict (default: the model's file in <data>/weights)")
+    parser.add_argument("--data", type=pathlib.Path, default=None,
+                        help="data directory (default: $FASTPRUNE_DATA or ../shared/data next to the repository)")
+
+
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
     """``--split`` and ``--no-flip`` of the command lines (``fastprune.evaluate``, ``fastprune.compare``)."""
     parser.add_argument("--split", choices=SPLITS, default=DEFAULT_SPLIT,
@@ -147,12 +157,28 @@ def image_files(folder: Union[str, os.PathLike], limit: Optional[int] = None,
     return files[:limit] if limit is not None else files
 
 
-class LabelledImages(torch.utils.data.Dataset):
+class UnlabelledImages(torch.utils.data.Dataset):
+    """Preprocessed image tensors from a list of files (no labels: calibration images)."""
+
+    def __init__(self, files: Sequence[pathlib.Path], transform):
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB"))
+
+
+class LabelledImages(UnlabelledImages):
     """``(image tensor, class index)`` pairs from files named ``<synset>_<name>.<ext>``."""
 
     def __init__(self, files: Sequence[pathlib.Path], synsets: Dict[str, int], transform):
-        self.files = list(files)
-        self.transform = transform
+        super().__init__(files, transform)
         self.labels = []
         for f in self.files:
             synset = f.name.split("_", 1)[0]
@@ -160,14 +186,30 @@ class LabelledImages(torch.utils.data.Dataset):
                 raise ValueError(f"image {f.name}: synset {synset!r} is not in the synsets file")
             self.labels.append(synsets[synset])
 
-    def __len__(self) -> int:
-        return len(self.files)
-
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        from PIL import Image
+        return super().__getitem__(i), self.labels[i]
 
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i]
+
+def load_unlabelled_images(folder: Union[str, os.PathLike], model: torch.nn.Module, *, limit: Optional[int] = None,
+                           split: str = "all", batch_size: int = 32, progress: bool = True) -> List[torch.Tensor]:
+    """The images of ``folder`` (:func:`image_files`: the ``split`` half, then ``limit``), preprocessed
+    with timm's transform for ``model``, as float32 CPU batches ``[b, 3, H, W]``; no labels are read.
+
+    Raises:
+        FileNotFoundError: no such folder, or no images in it.
+        ValueError: ``limit`` or ``batch_size`` not positive, unknown ``split``.
+    """
+    import timm.data
+    from tqdm import tqdm
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dataset = UnlabelledImages(image_files(folder, limit, split),
+                               timm.data.create_transform(**timm.data.resolve_data_config(model=model)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return list(tqdm(loader, desc="decoding images", unit="batch", disable=not progress, file=sys.stderr))
 
 
 @dataclass
