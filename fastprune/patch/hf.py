@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import _checks, schedules
-from ..attention import AttentionOutput, cls_attention, proportional_attention
+from .. import schedules
+from ..attention import AttentionOutput, cls_attention, proportional_attention, received_attention
 from ..functional import unmerge
 from ..schedules import RSpec
-from .registry import ReductionContext, ScheduleContext, block_r, get_method, resolve_options
-from .vit import PatchState, _patched_class  # the timm patch's class cache, shared
+from .registry import ScheduleContext, attention_needs, block_r, get_method, resolve_options, run_reducer
+from .vit import PatchState, enter_block, patched_class  # shared with the timm patch
 
 __all__ = ["transformers", "revert", "state", "is_patched", "reduction_schedule", "HFPatchState",
            "SUPPORTED_MODELS", "MASK_IMPLEMENTATIONS"]
@@ -93,7 +93,7 @@ def _hf():
         import transformers as hf_lib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("fastprune.patch.transformers needs the transformers package "
-                          "(pip install 'fastprune[test]' or 'transformers>=5.24,<6')") from e
+                          "(pip install 'fastprune[hf]' or 'transformers>=5.24,<6')") from e
     return hf_lib
 
 
@@ -155,6 +155,7 @@ def _attention(attn: nn.Module, layout: _Layout, h: torch.Tensor, size: Optional
         cls_attn_logits=(cls_attention(q[:, :, :1], k, scale=scale, size=size, form="logit")
                          if "cls_attn_logits" in need else None),
         keys=k.mean(dim=1) if "keys" in need else None,
+        received_attn=received_attention(q, k, scale=scale, size=size) if "received_attn" in need else None,
     )
 
 
@@ -240,39 +241,20 @@ def _layer_forward(self, hidden_states: torch.Tensor, attention_mask: Optional[t
     x = hidden_states
     if i == 0:
         st.reset()
-        st._begin(x)
-    elif st._indices[i] is None or st._tokens[i] != x.shape[1]:
-        raise RuntimeError(f"fastprune: layer {i} ran before the layers in front of it in this forward "
-                           "(patched layers must run in order, from layer 0)")
-    B, N, C = x.shape
-    p, method = st.num_prefix_tokens, st.method
-    r = block_r(method, ScheduleContext(r=st.r, block_index=i, depth=st.depth, num_tokens=N,
-                                         num_patches=st._tokens[0] - p, num_prefix_tokens=p, options=st.options))
-    size_is_ones = st._sizes[i] is None
-    size = torch.ones(B, N, dtype=torch.float32, device=x.device) if size_is_ones else st._sizes[i]
-    ctx = ReductionContext(block=self, block_index=i, r=r, num_prefix_tokens=p, size=size,
-                           size_is_ones=size_is_ones, options=st.options, state=st)
+    ctx = enter_block(st, self, i, x)
+    method, r = st.method, ctx.r
     if method.block_forward is not None:  # e.g. IdleViT: on the timm view of this layer
         view = st.views[i].train(self.training)
         x, size_out, index = method.block_forward(view, x, _dc_replace(ctx, block=view))
         st._record(i, r, x, size_out, index)
         return x
-    need = method.needs_for(st.options) if r > 0 else frozenset()
+    need, stand_in = attention_needs(method, ctx, st.class_token)
     out = _attention(getattr(self, layout.attn), layout, getattr(self, layout.norm1)(x), ctx.attn_size, need,
                      st.options["prop_attn_impl"])
     x = x + _apply(self, layout.post_attn, out.x)
     size_out, index = None, None
     if r > 0:
-        ctx = _dc_replace(ctx, cls_attn=out.cls_attn, cls_attn_logits=out.cls_attn_logits, keys=out.keys)
-        _checks.LIBRARY_SIZES.depth += 1  # ctx.size is the library's own: no per-layer value check
-        try:
-            x, size_out, index = method.reducer(x, ctx)
-        finally:
-            _checks.LIBRARY_SIZES.depth -= 1
-        if x.shape != (B, N - r, C) or size_out.shape != (B, N - r) or index.shape != (B, N):
-            raise RuntimeError(f"method {method.name!r}: the reducer must return x [B, N - r, C], size [B, N - r] "
-                               f"and index [B, N] (B={B}, N={N}, r={r}, C={C}), got {tuple(x.shape)}, "
-                               f"{tuple(size_out.shape)}, {tuple(index.shape)}")
+        x, size_out, index = run_reducer(method, x, ctx, out, stand_in)
     x = x + _apply(self, layout.post_mlp, getattr(self, layout.mlp)(getattr(self, layout.norm2)(x)))
     st._record(i, r, x, size_out, index)
     return x
@@ -403,9 +385,10 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
     registers variant, ``CLIPForImageClassification``, ``SiglipForImageClassification``): for them the
     base model's ``last_hidden_state`` comes back on the full token grid (:func:`fastprune.unmerge`), so
     the head's mean is size-weighted. Prefix tokens: class (+ distillation for DeiT, + registers for
-    DINOv2). Refused with an error that says why: masked-image-modeling and backbone classes,
-    class-attention methods (``"merge"``, ``"evit"``, ``"bat"``; ``"idle"`` at its first idle layer) on
-    SigLIP (no class token); at forward time ``attention_mask`` inputs, ``output_attentions`` and
+    DINOv2). On SigLIP (no class token) ``"merge"``, ``"evit"`` and ``"bat"`` rank by the attention each
+    token receives (:func:`fastprune.attention.received_attention`), as in the timm patch. Refused with
+    an error that says why: masked-image-modeling and backbone classes, ``"idle"`` on SigLIP (it ranks
+    by class-token logits); at forward time ``attention_mask`` inputs, ``output_attentions`` and
     gradient checkpointing.
 
     Methods, ``r`` and options are exactly those of :func:`fastprune.patch.timm` (``timm(model)``'s
@@ -437,13 +420,14 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
     resolved = resolve_options(m, options)
     if m.schedule is not None:  # the method's own schedule forms (e.g. ToMe's "decreasing")
         r = schedules.check_r(m.schedule(r, depth, resolved), depth)
-    if m.needs_for(resolved) & {"cls_attn", "cls_attn_logits"} and found.num_prefix_tokens == 0:
-        raise ValueError(f"method {m.name!r} ranks tokens by class attention but {type(found.base).__name__} "
-                         "has no class token")
+    class_token = found.num_prefix_tokens > 0  # every supported model with prefix tokens has a class token
+    if "cls_attn_logits" in m.needs_for(resolved) and not class_token:
+        raise ValueError(f"method {m.name!r} ranks tokens by the class token's attention logits, and "
+                         f"{type(found.base).__name__} has no class token")
 
     if is_patched(model):  # re-configure
         st = model._fastprune
-        st.method, st.r, st.options = m, r, resolved
+        st.method, st.r, st.options, st.class_token = m, r, resolved, class_token
         st.reset()
         return model
     for i, layer in enumerate(found.layers):
@@ -451,22 +435,22 @@ def transformers(model: nn.Module, method: Optional[str] = None, r: Optional[RSp
             raise ValueError(f"layer {i} is already patched by fastprune (as part of another model): revert that first")
 
     st = HFPatchState(method=m, r=r, options=resolved, num_prefix_tokens=found.num_prefix_tokens, depth=depth,
-                      original_model_class=type(model))
+                      original_model_class=type(model), class_token=class_token)
     st.reset()
     for i, layer in enumerate(found.layers):
         st.layers.append(layer)
         st.original_block_classes.append(type(layer))
-        layer.__class__ = _patched_class(type(layer), _PatchedLayer)
+        layer.__class__ = patched_class(type(layer), _PatchedLayer)
         layer._fastprune, layer._fastprune_block_index, layer._fastprune_layout = st, i, found.layout
         st.views.append(_TimmBlockView(layer, found.layout))
     head = getattr(found.base, "head", None) if getattr(found.base, "use_head", False) else None
     if head is not None:
         st.head, st.original_head_class = head, type(head)
-        head.__class__ = _patched_class(type(head), _PatchedPoolingHead)
+        head.__class__ = patched_class(type(head), _PatchedPoolingHead)
         head._fastprune = st
     if found.grid_output:
         st.grid_base, st.original_grid_class = found.base, type(found.base)
-        found.base.__class__ = _patched_class(type(found.base), _PatchedGridOutput)
+        found.base.__class__ = patched_class(type(found.base), _PatchedGridOutput)
         found.base._fastprune_grid = st
     model._fastprune = st
     model.fastprune_record = st.record  # what fastprune.idle.cut_loss(model) reads

@@ -155,9 +155,9 @@ def _layer_block_r(method: str, output_tokens):
     return block_r
 
 
-def _layer_validate(options) -> None:
+def _layer_validate(options, backends_: tuple) -> None:
     schedules.parse_layers(options["layers"])
-    _checks.check_choice(options["backend"], "backend", backends.TRITON_BACKENDS)
+    _checks.check_choice(options["backend"], "backend", backends_)
 
 
 def _evit_output_tokens(N: int, p: int, keep_rate: float, options) -> int:
@@ -172,7 +172,7 @@ def _evit_reducer(x: torch.Tensor, ctx: ReductionContext) -> tuple:
 
 
 def _evit_validate(options) -> None:
-    _layer_validate(options)
+    _layer_validate(options, evit.BACKENDS)
     if not isinstance(options["normalize"], bool):
         raise TypeError(f"normalize must be a bool, got {options['normalize']!r}")
 
@@ -191,7 +191,7 @@ def _bat_reducer(x: torch.Tensor, ctx: ReductionContext) -> tuple:
 
 
 def _bat_validate(options) -> None:
-    _layer_validate(options)
+    _layer_validate(options, bat.BACKENDS)
     _checks.check_choice(options["metric"], "metric", METRICS)
     _checks.check_int(options["num_clusters"], "num_clusters", 1, 2 ** 31 - 1)
     _checks.check_int(options["k"], "k", 1, 2 ** 31 - 1)

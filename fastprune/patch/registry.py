@@ -8,18 +8,18 @@ this registry; :mod:`fastprune.patch.methods` adapts them to it.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .. import schedules
+from .. import _checks, schedules
 from ..attention import NEEDS, PROP_ATTN_IMPLS
 
 __all__ = ["ReductionContext", "ScheduleContext", "Method", "register_method", "available_methods", "get_method",
-           "resolve_options", "block_r", "COMMON_OPTIONS", "NEEDS"]
+           "resolve_options", "block_r", "attention_needs", "run_reducer", "COMMON_OPTIONS", "NEEDS"]
 
 #: Options every method accepts, with their defaults (a method's ``defaults`` may change the default
 #: for that method, see :func:`register_method`).
@@ -282,3 +282,35 @@ def block_r(method: Method, sctx: ScheduleContext) -> int:
         raise TypeError(f"method {method.name!r}: block_r must return an int, got {type(want).__name__}")
     return max(0, min(int(want), method.max_r(sctx.num_tokens, sctx.num_prefix_tokens)))
 
+
+
+def attention_needs(method: Method, ctx: ReductionContext, class_token: bool) -> tuple[frozenset, bool]:
+    """``(need, stand_in)``: what a block's attention must compute for ``method`` (nothing when
+    ``ctx.r == 0``), and whether the attention each token receives stands in for class attention
+    (a model without a class token: ``"cls_attn"`` becomes ``"received_attn"``)."""
+    need = method.needs_for(ctx.options) if ctx.r > 0 else frozenset()
+    stand_in = "cls_attn" in need and not class_token
+    return ((need - {"cls_attn"}) | {"received_attn"} if stand_in else need), stand_in
+
+
+def run_reducer(method: Method, x: torch.Tensor, ctx: ReductionContext, attn_out, stand_in: bool) -> tuple:
+    """``method.reducer(x, ctx)`` with the attention's extras in ``ctx`` (``attn_out``: an
+    :class:`~fastprune.attention.AttentionOutput`); checks the shapes it returns.
+
+    Raises:
+        RuntimeError: the reducer returned other shapes than ``x [B, N - r, C]``, ``size [B, N - r]``,
+            ``index [B, N]``.
+    """
+    B, N, C = x.shape
+    ctx = replace(ctx, cls_attn=attn_out.received_attn if stand_in else attn_out.cls_attn,
+                  cls_attn_logits=attn_out.cls_attn_logits, keys=attn_out.keys)
+    _checks.LIBRARY_SIZES.depth += 1  # ctx.size is the library's own: no per-block value check
+    try:
+        x, size, index = method.reducer(x, ctx)
+    finally:
+        _checks.LIBRARY_SIZES.depth -= 1
+    if x.shape != (B, N - ctx.r, C) or size.shape != (B, N - ctx.r) or index.shape != (B, N):
+        raise RuntimeError(f"method {method.name!r}: the reducer must return x [B, N - r, C], size [B, N - r] "
+                           f"and index [B, N] (B={B}, N={N}, r={ctx.r}, C={C}), got {tuple(x.shape)}, "
+                           f"{tuple(size.shape)}, {tuple(index.shape)}")
+    return x, size, index

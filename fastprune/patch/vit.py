@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import re
-from dataclasses import dataclass, field, replace as _dc_replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import timm as _timm_lib  # the package; this module's :func:`timm` is the patch function
@@ -20,10 +20,11 @@ from timm.layers import AttentionPoolLatent as _AttentionPoolLatent
 from timm.models.vision_transformer import Block as _TimmBlock
 from timm.models.vision_transformer import VisionTransformer as _TimmVisionTransformer
 
-from .. import _checks, schedules
+from .. import schedules
 from ..attention import attention_forward
 from ..schedules import RSpec
-from .registry import Method, ReductionContext, ScheduleContext, block_r, get_method, resolve_options
+from .registry import (Method, ReductionContext, ScheduleContext, attention_needs, block_r, get_method,
+                       resolve_options, run_reducer)
 
 __all__ = ["timm", "revert", "state", "is_patched", "reduction_schedule", "PatchState", "MIN_TIMM_VERSION",
            "SUPPORTED_POOLS"]
@@ -206,54 +207,48 @@ class PatchState:
 def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                    **kwargs) -> torch.Tensor:
     st: PatchState = self._fastprune
-    i: int = self._fastprune_block_index
     if attn_mask is not None or is_causal or kwargs:
         raise NotImplementedError("a model patched by fastprune does not support attn_mask/is_causal "
                                   "(token reduction changes the token count the mask refers to)")
+    ctx = enter_block(st, self, self._fastprune_block_index, x)
+    if st.method.block_forward is not None:
+        x, size_out, index = st.method.block_forward(self, x, ctx)
+    else:
+        x, size_out, index = _reduce_block(self, x, ctx, st.method)
+    st._record(ctx.block_index, ctx.r, x, size_out, index)
+    return x
+
+
+def enter_block(st: PatchState, block: nn.Module, i: int, x: torch.Tensor) -> ReductionContext:
+    """Start block ``i`` of a forward: check the blocks run in order, and return its context (its
+    ``r`` from the method's schedule, the sizes entering it). Shared by the timm and transformers patches.
+
+    Raises:
+        RuntimeError: block ``i`` runs before the blocks in front of it in this forward.
+    """
     if i == 0:
         st._begin(x)
     elif st._indices[i] is None or st._tokens[i] != x.shape[1]:
         raise RuntimeError(f"fastprune: block {i} ran before the blocks in front of it in this forward "
                            "(patched blocks must run in order, from block 0)")
-    N = x.shape[1]
-    p = st.num_prefix_tokens
-    method = st.method
-    r = block_r(method, ScheduleContext(r=st.r, block_index=i, depth=st.depth, num_tokens=N,
-                                         num_patches=st._tokens[0] - p, num_prefix_tokens=p, options=st.options))
+    N, p = x.shape[1], st.num_prefix_tokens
+    r = block_r(st.method, ScheduleContext(r=st.r, block_index=i, depth=st.depth, num_tokens=N,
+                                           num_patches=st._tokens[0] - p, num_prefix_tokens=p, options=st.options))
     size_is_ones = st._sizes[i] is None
     size = torch.ones(x.shape[0], N, dtype=torch.float32, device=x.device) if size_is_ones else st._sizes[i]
-    ctx = ReductionContext(block=self, block_index=i, r=r, num_prefix_tokens=p, size=size,
-                           size_is_ones=size_is_ones, options=st.options, state=st)
-    if method.block_forward is not None:
-        x, size_out, index = method.block_forward(self, x, ctx)
-    else:
-        x, size_out, index = _reduce_block(self, x, ctx, method)
-    st._record(i, r, x, size_out, index)
-    return x
+    return ReductionContext(block=block, block_index=i, r=r, num_prefix_tokens=p, size=size,
+                            size_is_ones=size_is_ones, options=st.options, state=st)
 
 
 def _reduce_block(block: nn.Module, x: torch.Tensor, ctx: ReductionContext, method: Method) -> tuple:
     """The block forward for reducer methods: attention residual, reducer (if r > 0), MLP residual."""
-    needs = method.needs_for(ctx.options) if ctx.r > 0 else frozenset()
-    stand_in = "cls_attn" in needs and not ctx.state.class_token  # no class token: attention received
-    if stand_in:
-        needs = (needs - {"cls_attn"}) | {"received_attn"}
-    out = attention_forward(block.attn, block.norm1(x), size=ctx.attn_size, need=needs,
+    need, stand_in = attention_needs(method, ctx, ctx.state.class_token)
+    out = attention_forward(block.attn, block.norm1(x), size=ctx.attn_size, need=need,
                             prop_attn_impl=ctx.options["prop_attn_impl"])
     x = x + block.drop_path1(block.ls1(out.x))
     size, index = None, None
     if ctx.r > 0:
-        B, N, C = x.shape
-        ctx = _dc_replace(ctx, cls_attn=out.received_attn if stand_in else out.cls_attn, cls_attn_logits=out.cls_attn_logits, keys=out.keys)
-        _checks.LIBRARY_SIZES.depth += 1  # ctx.size is the library's own: no per-block value check
-        try:
-            x, size, index = method.reducer(x, ctx)
-        finally:
-            _checks.LIBRARY_SIZES.depth -= 1
-        if x.shape != (B, N - ctx.r, C) or size.shape != (B, N - ctx.r) or index.shape != (B, N):
-            raise RuntimeError(f"method {method.name!r}: the reducer must return x [B, N - r, C], size [B, N - r] "
-                               f"and index [B, N] (B={B}, N={N}, r={ctx.r}, C={C}), got {tuple(x.shape)}, "
-                               f"{tuple(size.shape)}, {tuple(index.shape)}")
+        x, size, index = run_reducer(method, x, ctx, out, stand_in)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, size, index
 
@@ -308,7 +303,8 @@ class _PatchedVisionTransformer:
 _CLASS_CACHE: dict = {}
 
 
-def _patched_class(cls: type, mixin: type) -> type:
+def patched_class(cls: type, mixin: type) -> type:
+    """The class ``Fastprune<cls>`` with ``mixin`` in front of ``cls``, one per pair (cached)."""
     key = (cls, mixin)
     if key not in _CLASS_CACHE:
         _CLASS_CACHE[key] = type(f"Fastprune{cls.__name__}", (mixin, cls), {"__module__": __name__})
@@ -435,11 +431,11 @@ def timm(model: nn.Module, method: Optional[str] = None, r: Optional[RSpec] = No
     st.reset()
     for i, blk in enumerate(model.blocks):
         st.original_block_classes.append(type(blk))
-        blk.__class__ = _patched_class(type(blk), _PatchedBlock)
+        blk.__class__ = patched_class(type(blk), _PatchedBlock)
         blk._fastprune = st
         blk._fastprune_block_index = i
     model._fastprune = st
-    model.__class__ = _patched_class(type(model), _PatchedVisionTransformer)
+    model.__class__ = patched_class(type(model), _PatchedVisionTransformer)
     return model
 
 
