@@ -6,10 +6,15 @@ Transformers" (Long et al., CVPR 2023), written out step by step in
 decoupling, same bipartite soft matching, same DPC-kNN clustering, same tie-breaks, same index map,
 same merge arithmetic (float32).
 
-Forward = three launches, no host synchronisation, no sort:
+Forward = up to five launches (no matching launch without pairs, no clustering launch without
+clusters), no host synchronisation, composed of the shared primitives where BAT has them:
 
-* :func:`_bat_match_kernel` (grid ``(B,)``): decoupling by class attention and bipartite soft matching
-  of the attentive tokens; writes the index map (input token -> output token) of the prefix and
+* decoupling: the top-k selection, ``kernels/select.py`` (grid ``(B,)``): the attentive positions
+  (with the prefix, in token order) and the inattentive ones;
+* attentive token matching: the cosine matching of set A (even attentive ranks) against set B (odd),
+  ``kernels/match.py`` (tensor cores; near-ties closer than
+  :func:`fastprune.kernels.match.near_tie_eps` may resolve otherwise than the float64 reference),
+  then :func:`_bat_match_kernel` (grid ``(B,)``): the pairs and the index map of the prefix and
   attentive tokens;
 * :func:`_bat_cluster_kernel` (grid ``(B,)``, one program per image holding its inattentive set):
   DPC-kNN clustering; writes the index map of the inattentive tokens;
@@ -20,13 +25,13 @@ Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradients w.r.t
 attention (through the weights) and ``size``. Matching and clustering are discrete: no gradient
 reaches ``metric``.
 
-Inside the first two kernels every per-token quantity is a register vector over the image's tokens
-(or its compacted inattentive set); pairwise quantities (cosine similarities, distances) are computed
-in row tiles of at most 4096 elements (fp32, one rank-1 update per metric channel: :func:`_gram`) and
-recomputed in each pass rather than stored, so nothing of size ``N x N`` lives in memory. Moving a
-per-row result into a vector (and reading one back) is a one-hot reduction over the tile
-(:func:`_put`, :func:`_take`). Top-k selections count, for each token, the members that rank
-above it (:func:`_top_mask`): ``O(n^2)`` comparisons in the same row tiles, no sort.
+Inside BAT's own kernels every per-token quantity is a register vector over the attentive or the
+inattentive set; pairwise distances are computed in row tiles of at most 4096 elements (fp32, one
+rank-1 update per metric channel: :func:`_gram`) and recomputed in each pass rather than stored, so
+nothing of size ``N x N`` lives in memory. Moving a per-row result into a vector (and reading one
+back) is a one-hot reduction over the tile (:func:`_put`, :func:`_take`). Top-k selections count, for
+each token, the members that rank above it (:func:`_top_mask`): ``O(n^2)`` comparisons in the same
+row tiles, no sort.
 """
 from __future__ import annotations
 
@@ -36,10 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastprune.reference import COSINE_EPS, BATCounts, Merged
+from fastprune.reference import BATCounts, Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
+from .match import cosine_match_triton
+from .select import select_topk_triton
 from .weighted_merge import weighted_merge, weighted_merge_backward
 
 __all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
@@ -122,74 +129,52 @@ def _sq_dist(gram, sq_rows, sq_cols, rows, cols, CM):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch 1: decouple + attentive token matching -> index map of the prefix and attentive tokens
+# Attentive token matching: the r best-matched A tokens merge -> index map of the prefix and attentive tokens
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _bat_match_kernel(
-        scores_ptr, stride_sb, stride_sn,
-        metric_ptr, stride_mb, stride_mn, stride_mc,
-        index_ptr,
-        N, CM, P, K, R,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COS_EPS: tl.constexpr):
-    """Decoupling and attentive token matching for one image; writes ``index`` of its prefix and
-    attentive tokens.
+        kept_ptr, best_ptr, partner_ptr, index_ptr,
+        N, P, K, R,
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Attentive token matching, after the selection and the cosine matching, for one image (grid ``(B,)``).
 
-    One program per image ``b`` (``N`` tokens, ``P`` prefix, ``K`` attentive, ``R`` pairs; counts
-    already clipped by the host). Per-token quantities are ``[BLOCK_N]`` register vectors
-    (``BLOCK_N >= N``, a power of two):
+    ``kept [B, P + K]``: the prefix and attentive token positions in token order; the attentive
+    token of rank ``q`` is in set A for even ``q`` and B for odd ``q``. ``best``/``partner``
+    ``[B, ceil(K / 2)]``: each A token's best cosine similarity and partner (index among the B tokens).
+    Per-token quantities are ``[BLOCK_K]`` register vectors over ``q`` (``BLOCK_K >= K``):
 
-    1. **decouple**: attentive = the ``K`` non-prefix tokens with the largest score (:func:`_top_mask`);
-    2. **matching** (if ``R > 0``): attentive tokens alternate between sets A and B by their rank in
-       the original order (a cumsum). Per ``[BLOCK_R, BLOCK_N]`` row tile, the cosine similarity of
-       the rows against the B tokens (fp32 Gram tile) and its first argmax; the ``R`` A
-       tokens with the best similarity are merged (:func:`_top_mask`);
-    3. survivors (prefix + unmerged attentive tokens) get slots ``0 .. P + K - R - 1`` (a cumsum); a
-       merged A token gets its partner's slot.
+    1. merged = the ``R`` A tokens with the best similarity (:func:`_top_mask`, ties to the lower index);
+    2. survivors (prefix + unmerged attentive tokens) get slots ``0 .. P + K - R - 1`` in token order
+       (a cumsum); a merged A token gets its partner's slot (a one-hot read in ``BLOCK_R`` row tiles).
 
-    Memory traffic: the score row, the metric of all tokens once per row tile (L2-resident), ``N``
-    indices written (inattentive positions are left to :func:`_bat_cluster_kernel`).
+    Memory traffic: ``8 (P + K) + 12 K / 2`` bytes read, ``8 (P + K)`` written (inattentive positions
+    are left to :func:`_bat_cluster_kernel`).
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    score_row = scores_ptr + pid_b * stride_sb
-    metric_row = metric_ptr + pid_b * stride_mb
     index_row = index_ptr + pid_b * N
-    cols = tl.arange(0, BLOCK_N)
-    valid = cols < N
-    nonprefix = valid & (cols >= P)
-
-    # 1. decouple by class attention.
-    s = tl.load(score_row + cols * stride_sn, mask=valid, other=0.0).to(tl.float32)
-    attentive = _top_mask(s, nonprefix, K, cols, N, BLOCK_R)
-
-    # 2. bipartite soft matching of the attentive tokens (cosine similarity).
-    merged = cols < 0
-    partner = tl.zeros([BLOCK_N], tl.int32)
+    q = tl.arange(0, BLOCK_K)
+    valid = q < K
+    pos = tl.load(kept_ptr + pid_b * (P + K) + P + q, mask=valid, other=0)
+    NA = (K + 1) // 2
+    is_a = valid & ((q % 2) == 0)
+    merged = q < 0
+    partner = tl.zeros([BLOCK_K], tl.int32)
     if R > 0:
-        q = tl.cumsum(attentive.to(tl.int32), axis=0) - 1  # position among the attentive tokens
-        set_a = attentive & ((q % 2) == 0)
-        set_b = attentive & ((q % 2) == 1)
-        norm = tl.maximum(tl.sqrt(_sq_norms(metric_row, stride_mn, stride_mc, cols, valid, CM, BLOCK_N)),
-                          COS_EPS)
-        best = tl.zeros([BLOCK_N], tl.float32)
-        for r0 in range(0, N, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            gram, sq_rows = _gram(metric_row, stride_mn, stride_mc, rows, rows < N, cols, valid, CM,
-                                  BLOCK_R, BLOCK_N)
-            cos = gram / (tl.maximum(tl.sqrt(sq_rows), COS_EPS)[:, None] * norm[None, :])
-            cos = tl.where(set_b[None, :], cos, float("-inf"))
-            best += _put(tl.max(cos, axis=1), rows, cols)
-            partner += _put(tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32), rows, cols)
-        merged = _top_mask(best, set_a, R, cols, N, BLOCK_R)
+        best = tl.load(best_ptr + pid_b * NA + q // 2, mask=is_a, other=float("-inf"))
+        partner = tl.load(partner_ptr + pid_b * NA + q // 2, mask=is_a, other=0).to(tl.int32)
+        merged = _top_mask(best, is_a, R, q, K, BLOCK_R)
 
-    # 3. slots: survivors in token order; merged A tokens go to their partner's slot.
-    survivor = (valid & (cols < P)) | (attentive & (merged == 0))
-    slot = tl.cumsum(survivor.to(tl.int32), axis=0) - 1
-    tl.store(index_row + cols, slot.to(tl.int64), mask=survivor)
+    offs_p = tl.arange(0, BLOCK_K)
+    tl.store(index_row + offs_p, offs_p.to(tl.int64), mask=offs_p < P)  # prefix tokens stay in place
+    survivor = valid & (merged == 0)
+    slot = P + tl.cumsum(survivor.to(tl.int32), axis=0) - 1
+    tl.store(index_row + pos, slot.to(tl.int64), mask=survivor)
     if R > 0:
-        for r0 in range(0, N, BLOCK_R):
+        for r0 in range(0, K, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
-            dest = _take(slot, _take(partner, rows, cols), cols)
-            tl.store(index_row + rows, dest.to(tl.int64), mask=_take(merged.to(tl.int32), rows, cols) != 0)
+            dest = _take(slot, 2 * _take(partner, rows, q) + 1, q)  # B token j has rank 2 j + 1
+            tl.store(index_row + _take(pos, rows, q), dest.to(tl.int64),
+                     mask=_take(merged.to(tl.int32), rows, q) != 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,22 +182,19 @@ def _bat_match_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _bat_cluster_kernel(
-        scores_ptr, stride_sb, stride_sn,
+        rest_ptr,
         metric_ptr, stride_mb, stride_mn, stride_mc,
         index_ptr,
-        N, CM, P, K, NC, KNN, BASE,
-        BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr,
-        BLOCK_R: tl.constexpr):
+        N, CM, n, NC, KNN, BASE,
+        BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
     """DPC-kNN clustering of one image's inattentive tokens; writes their ``index`` (``BASE`` + cluster).
 
-    One program per image ``b`` holds the inattentive set: its ``n = N - P - K`` token ids, compacted
-    into a ``[BLOCK_I]`` vector (``BLOCK_I >= n``, a power of two) in token order, and every
+    One program per image ``b`` holds the inattentive set: its ``n`` token ids (``rest [B, n]``, from
+    the selection, ascending) as a ``[BLOCK_I]`` vector (``BLOCK_I >= n``, a power of two), and every
     per-token quantity of the clustering as a ``[BLOCK_I]`` register vector. Pairwise distances
     ``D^2 = |m_i - m_j|^2 / Cm`` are computed per ``[BLOCK_R, BLOCK_I]`` row tile from an fp32 Gram
     tile and recomputed in each pass rather than stored:
 
-    0. decouple (:func:`_top_mask` on the score row) and compact the inattentive ids, ``BLOCK_T``
-       tokens at a time (cumsum + one-hot reduction);
     a. log density: minus the mean of the ``KNN`` smallest ``D^2`` to the other tokens (``KNN`` rounds
        of min + mask per row tile);
     b. ``delta``: distance to the nearest denser token (density, then lower index), the row maximum
@@ -221,28 +203,14 @@ def _bat_cluster_kernel(
     d. every token joins its nearest centre (first minimum; a centre joins itself):
        ``index = BASE + centre number``.
 
-    Memory traffic: the score row, and the metric of the ``n`` inattentive tokens once per row tile
+    Memory traffic: the ``n`` ids, and the metric of the ``n`` inattentive tokens once per row tile
     and pass (L2-resident); ``n`` indices written. Compute ``O(n^2 Cm)`` per pass.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    score_row = scores_ptr + pid_b * stride_sb
     metric_row = metric_ptr + pid_b * stride_mb
-    cols = tl.arange(0, BLOCK_N)
-
-    # 0. decouple, then compact the inattentive token ids: ids[j] = the j-th inattentive token.
-    s = tl.load(score_row + cols * stride_sn, mask=cols < N, other=0.0).to(tl.float32)
-    nonprefix = (cols < N) & (cols >= P)
-    inattentive = nonprefix & (_top_mask(s, nonprefix, K, cols, N, BLOCK_T) == 0)
-    position = tl.cumsum(inattentive.to(tl.int32), axis=0) - 1
     jj = tl.arange(0, BLOCK_I)
-    n = N - P - K
     member = jj < n
-    ids = tl.zeros([BLOCK_I], tl.int32)
-    for t0 in range(0, N, BLOCK_T):
-        offs = t0 + tl.arange(0, BLOCK_T)
-        hit = (_take(inattentive.to(tl.int32), offs, cols) != 0)[:, None] & \
-            (_take(position, offs, cols)[:, None] == jj[None, :])
-        ids += tl.sum(tl.where(hit, offs[:, None], 0), axis=0)
+    ids = tl.load(rest_ptr + pid_b * n + jj, mask=member, other=0).to(tl.int32)
     sq = _sq_norms(metric_row, stride_mn, stride_mc, ids, member, CM, BLOCK_I)
 
     # a. log density.
@@ -295,21 +263,16 @@ def _bat_cluster_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
-def _match_config(N: int) -> tuple[dict, int]:
-    """Constants and num_warps of the matching kernel: ``[BLOCK_R, BLOCK_N]`` tiles of <= 4096 elements."""
-    block_n = max(16, triton.next_power_of_2(N))
-    consts = dict(BLOCK_N=block_n, BLOCK_R=max(16, min(32, 4096 // block_n)),
-                  COS_EPS=COSINE_EPS)
-    return consts, 4 if block_n <= 256 else 8
+def _match_config(K: int) -> tuple[dict, int]:
+    """Constants and num_warps of the matching kernel: ``[BLOCK_R, BLOCK_K]`` tiles of <= 4096 elements."""
+    block_k = max(16, triton.next_power_of_2(K))
+    return dict(BLOCK_K=block_k, BLOCK_R=max(16, min(32, 4096 // block_k))), (4 if block_k <= 256 else 8)
 
 
-def _cluster_config(N: int, n_inattentive: int) -> tuple[dict, int]:
+def _cluster_config(n_inattentive: int) -> tuple[dict, int]:
     """Constants and num_warps of the clustering kernel: ``[BLOCK_R, BLOCK_I]`` tiles of <= 4096 elements."""
-    block_n = max(16, triton.next_power_of_2(N))
     block_i = max(16, triton.next_power_of_2(n_inattentive))
-    consts = dict(BLOCK_N=block_n, BLOCK_T=max(16, min(64, 4096 // block_n)),
-                  BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i)))
-    return consts, 8
+    return dict(BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i))), 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,22 +280,33 @@ def _cluster_config(N: int, n_inattentive: int) -> tuple[dict, int]:
 # ----------------------------------------------------------------------------------------------------
 def bat_index_triton(scores: torch.Tensor, metric: torch.Tensor, counts: BATCounts,
                      num_prefix_tokens: int) -> torch.Tensor:
-    """Launches 1 and 2: the ``[B, N]`` int64 index map from float32 scores ``[B, N]`` and metric ``[B, N, Cm]``."""
+    """The ``[B, N]`` int64 index map from float32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
+
+    Decoupling is ``kernels/select.py``'s top-k (the attentive and inattentive positions), attentive
+    token matching ``kernels/match.py``'s cosine matching of set A against set B (tensor cores;
+    near-ties closer than :func:`fastprune.kernels.match.near_tie_eps` may resolve otherwise than the
+    float64 reference) then :func:`_bat_match_kernel`; clustering :func:`_bat_cluster_kernel`.
+    """
     B, N, CM = metric.shape
     p = num_prefix_tokens
+    K, r, c, k = counts
+    metric = metric if metric.stride(-1) == 1 else metric.contiguous()
+    top = select_topk_triton(scores, K, p, kept=True, rest=c > 0)
     index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
-    consts, num_warps = _match_config(N)
-    _bat_match_kernel[(B,)](
-        scores, scores.stride(0), scores.stride(1),
-        metric, metric.stride(0), metric.stride(1), metric.stride(2),
-        index, N, CM, p, counts.K, counts.r, **consts, num_warps=num_warps)
-    if counts.c > 0:
-        consts, num_warps = _cluster_config(N, N - p - counts.K)
+    if r > 0:
+        attentive = top.kept[:, p:]
+        match = cosine_match_triton(metric, attentive[:, 0::2], attentive[:, 1::2])
+        best, partner = match.best, match.partner
+    else:
+        best = partner = index  # never read
+    consts, num_warps = _match_config(K)
+    _bat_match_kernel[(B,)](top.kept, best, partner, index, N, p, K, r, **consts, num_warps=num_warps)
+    if c > 0:
+        n = N - p - K
+        consts, num_warps = _cluster_config(n)
         _bat_cluster_kernel[(B,)](
-            scores, scores.stride(0), scores.stride(1),
-            metric, metric.stride(0), metric.stride(1), metric.stride(2),
-            index, N, CM, p, counts.K, counts.c, counts.k, counts.output_tokens(p) - counts.c,
-            **consts, num_warps=num_warps)
+            top.rest, metric, metric.stride(0), metric.stride(1), metric.stride(2),
+            index, N, CM, n, c, k, counts.output_tokens(p) - c, **consts, num_warps=num_warps)
     return index
 
 
@@ -365,7 +339,7 @@ class BATMergeFunction(torch.autograd.Function):
 
 def bat_triton(x: torch.Tensor, scores: torch.Tensor, counts: BATCounts, size: Optional[torch.Tensor] = None,
                metric: Optional[torch.Tensor] = None, num_prefix_tokens: int = 1) -> Merged:
-    """BAT token reduction (Long et al., CVPR 2023) with fused Triton kernels: two launches forward, one backward.
+    """BAT token reduction (Long et al., CVPR 2023) with Triton kernels: up to five launches forward, one backward.
 
     Same semantics as :func:`fastprune.bat.bat_reference` (the specification), with the clipped
     counts given directly (:func:`fastprune.bat.bat_plan`). Arguments are expected validated by
@@ -410,28 +384,29 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _aot_specs() -> list[KernelSpec]:
-    """Both kernels at the launch configurations ViT shapes use, each storage dtype at least once.
+    """Both BAT kernels at the launch configurations ViT shapes use, each storage dtype at least once.
 
     The dtype only changes the conversion of the metric on load, so not every (shape, dtype) pair is
     compiled: that keeps the ahead-of-time test short (the clustering kernel takes seconds to compile).
+    The selection and matching are ``kernels/select.py``'s and ``kernels/match.py``'s specs.
     """
-    def args(dtype):
-        return dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                    metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
-                    index_ptr="*i64", N="i32", CM="i32", P="i32", K="i32")
-
     specs = []
-    # ViT/16 at 224 px (N = 197) and 384 px (N = 577), class token included.
-    for dtype, N in ((torch.float16, 197), (torch.bfloat16, 577)):
-        consts, warps = _match_config(N)
-        specs.append(KernelSpec(f"bat_match[{_tag(dtype)},N={N}]", _bat_match_kernel, dict(args(dtype), R="i32"),
-                                consts, warps))
-    # Inattentive set sizes at keep rate 0.7 and the first reduction layer: 58 of 196 tokens (224 px,
-    # BLOCK_I = 64, one row tile) and 173 of 576 (384 px, BLOCK_I = 256, several row tiles).
-    for dtype, N, n_inattentive in ((torch.float32, 197, 58), (torch.bfloat16, 577, 173)):
-        consts, warps = _cluster_config(N, n_inattentive)
-        specs.append(KernelSpec(f"bat_cluster[{_tag(dtype)},N={N},n={n_inattentive}]", _bat_cluster_kernel,
-                                dict(args(dtype), NC="i32", KNN="i32", BASE="i32"), consts, warps))
+    # Attentive tokens at keep rate 0.7 and the first reduction layer: 138 of 196 (224 px) and 404
+    # of 576 (384 px).
+    for K in (138, 404):
+        consts, warps = _match_config(K)
+        specs.append(KernelSpec(f"bat_match[K={K}]", _bat_match_kernel,
+                                dict(kept_ptr="*i64", best_ptr="*fp32", partner_ptr="*i64", index_ptr="*i64",
+                                     N="i32", P="i32", K="i32", R="i32"), consts, warps))
+    # Inattentive set sizes there: 58 (BLOCK_I = 64, one row tile) and 172 (BLOCK_I = 256, several
+    # row tiles).
+    for dtype, n_inattentive in ((torch.float32, 58), (torch.bfloat16, 172)):
+        consts, warps = _cluster_config(n_inattentive)
+        specs.append(KernelSpec(
+            f"bat_cluster[{_tag(dtype)},n={n_inattentive}]", _bat_cluster_kernel,
+            dict(rest_ptr="*i64", metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
+                 index_ptr="*i64", N="i32", CM="i32", n="i32", NC="i32", KNN="i32", BASE="i32"),
+            consts, warps))
     return specs
 
 
