@@ -178,9 +178,10 @@ def match_config(S: int, M: int, CM: int, dtype: torch.dtype) -> tuple[dict, int
     """Compile-time constants and num_warps for ``S`` sources, ``M`` candidates, ``CM`` channels.
 
     Tiles of up to 32 sources (16 for float32, whose TF32x3 makes three products) x 32 candidates;
-    the metric in one chunk up to 64 channels (32 for float32), else in chunks of 32. Sized so that, compiled for sm_80/sm_90, at least 16 warps stay resident per SM;
-    ``tl.dot`` needs 16 at least in every dimension. Under the interpreter bf16 operands are widened to
-    float32 (its ``tl.dot`` mishandles bf16), an exact conversion.
+    the metric in one chunk up to 64 channels (32 for float32), else in chunks of 32: compiled for
+    sm_80/sm_90 at least 16 warps stay resident per SM. ``tl.dot`` needs 16 in every dimension.
+    Under the interpreter bf16 operands are widened to float32 (its ``tl.dot`` mishandles bf16), an
+    exact conversion.
     """
     wide = dtype == torch.float32
     block_cm = max(16, triton.next_power_of_2(CM))
