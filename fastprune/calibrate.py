@@ -7,9 +7,12 @@ at a FLOPs budget (a fraction of the unreduced GFLOPs, counted like the evaluati
 device. Closeness is the mean ``KL(unreduced || reduced)`` of the softmax outputs (top-1 agreement
 is reported beside it). The unreduced logits are computed once. The search, deterministic:
 
-1. **greedy**: from ``r = 0``, every step tries, for each block, the smallest increase of that
-   block's ``r`` that saves ``step`` of the unreduced FLOPs (the last step: what is left to the
-   budget) and keeps the one with the least KL increase per FLOP saved, until the budget is met;
+1. **start** (``start="ramp"``, default): the best of a few ramps within the budget (``skip``
+   blocks without reduction, then ``a, a + slope, ...``, ``a`` the smallest that fits); or
+   ``start="greedy"``: from ``r = 0``, every step tries, for each block, the smallest increase of
+   that block's ``r`` that saves ``step`` of the unreduced FLOPs (the last step: what is left to the
+   budget) and keeps the one with the least KL increase per FLOP saved, until the budget is met
+   (a throughput target always walks this path to find its budget);
 2. **options**: the method's options (:data:`OPTION_GRIDS`) are tried on that schedule;
 3. **refinement**: ``sweeps`` passes of moving ``move`` tokens between neighbouring blocks (the
    receiving block takes more if the budget needs it, the giving one gives back what it allows),
@@ -39,7 +42,8 @@ from .evaluation.calibration import CalibrationSearch, calibration_batches, sche
 from .evaluation.data import DTYPES, SPLITS, add_model_arguments, default_data_dir, device_label, load_model
 from .evaluation.settings import Setting, parse_options, save_setting, setting_gflops
 
-__all__ = ["calibrate", "calibration_batches", "uniform_setting", "OPTION_GRIDS", "METHODS", "DEFAULT_STEP",
+__all__ = ["calibrate", "calibration_batches", "uniform_setting", "OPTION_GRIDS", "METHODS", "SEARCHES",
+           "RAMP_SKIPS", "RAMP_SLOPES", "DEFAULT_STEP",
            "DEFAULT_MOVE", "DEFAULT_SWEEPS", "build_parser", "main"]
 
 #: Methods whose per-block ``r`` list is searched, and the options tried for each (every combination).
@@ -52,6 +56,11 @@ METHODS = tuple(OPTION_GRIDS)
 _FIXED_OPTIONS = {"merge": {"schedule": None}, "tome": {"schedule": "constant"}}
 #: Greedy step (fraction of the unreduced FLOPs), tokens per refinement move, refinement sweeps.
 DEFAULT_STEP = 0.025
+#: Start of the search: "ramp" (the best of a few ramps, :data:`RAMP_SKIPS` x :data:`RAMP_SLOPES`)
+#: or "greedy" (per-block greedy steps).
+SEARCHES = ("ramp", "greedy")
+RAMP_SKIPS = (0, 1, 2, 3)
+RAMP_SLOPES = (-2, -1, 0, 1)
 DEFAULT_MOVE = 2
 DEFAULT_SWEEPS = 1
 
@@ -155,6 +164,31 @@ def _refine(search: CalibrationSearch, method: str, r: List[int], options: Dict[
     return r
 
 
+def _ramp(search: CalibrationSearch, method: str, options: Dict[str, Any], budget: int) -> List[int]:
+    """The best ramp within ``budget``: ``skip`` blocks without reduction, then ``a, a + slope, ...``
+    (:data:`RAMP_SKIPS` x :data:`RAMP_SLOPES`), ``a`` the smallest that fits the budget."""
+    def ramp(skip: int, slope: int, a: int) -> List[int]:
+        return search.applied(method, [0] * skip + [max(0, a + slope * i) for i in range(search.depth - skip)],
+                              options)
+
+    best, best_kl = None, None
+    for skip, slope in itertools.product(RAMP_SKIPS, RAMP_SLOPES):
+        low, high = 0, search.num_tokens  # the first a that fits lies in (low, high]
+        fits = lambda a: search.flops(schedule_setting(method, ramp(skip, slope, a), options)) <= budget  # noqa: E731
+        if skip >= search.depth or not fits(high):
+            continue
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        r = ramp(skip, slope, high)
+        kl = search.kl(schedule_setting(method, r, options))
+        if best_kl is None or kl < best_kl:
+            best, best_kl = r, kl
+    if best is None:
+        raise ValueError(f"the target cannot be reached with method {method!r} by any ramp")
+    return best
+
+
 def uniform_setting(search: CalibrationSearch, method: str, options: Dict[str, Any], target: int) -> Optional[Setting]:
     """The smallest constant ``r`` (as a per-block list) whose FLOPs are <= ``target``, or None."""
     low, high = 0, search.num_tokens - search.num_prefix  # invariant: high is within the budget, if any is
@@ -197,7 +231,8 @@ def _check_options(method: str, options: Optional[Dict[str, Any]], search_option
 
 def calibrate(model: torch.nn.Module, images, *, flops: Optional[float] = None,
               images_per_s: Optional[float] = None, method: Union[str, Sequence[str]] = "merge",
-              options: Optional[Dict[str, Any]] = None, search_options: bool = True, step: float = DEFAULT_STEP,
+              options: Optional[Dict[str, Any]] = None, search_options: bool = True, start: str = "ramp",
+              step: float = DEFAULT_STEP,
               move: int = DEFAULT_MOVE, sweeps: int = DEFAULT_SWEEPS, limit: Optional[int] = None,
               split: str = "all", batch_size: int = 32, flip: bool = False, progress: bool = True) -> Setting:
     """Search the per-block ``r`` and options that keep ``model`` closest to its unreduced outputs.
@@ -212,6 +247,8 @@ def calibrate(model: torch.nn.Module, images, *, flops: Optional[float] = None,
         method: ``"merge"`` (MSTM) or ``"tome"``, or several (the one with the lowest KL is returned).
         options: the method's options to hold fixed; the others of :data:`OPTION_GRIDS` are searched
             (unless ``search_options`` is False: then the defaults are used).
+        start: "ramp" (default: the best ramp within the budget, see :data:`RAMP_SKIPS`) or "greedy"
+            (per-block steps of ``step``) as the schedule the options and the refinement start from.
         step: FLOPs a greedy step saves, as a fraction of the unreduced FLOPs, in (0, 0.5].
         move: tokens a refinement move takes from one block to its neighbour (int >= 1).
         sweeps: refinement passes (int >= 0).
@@ -239,6 +276,8 @@ def calibrate(model: torch.nn.Module, images, *, flops: Optional[float] = None,
     methods = [method] if isinstance(method, str) else list(method)
     if not methods or any(m not in METHODS for m in methods):
         raise ValueError(f"method must be one of {METHODS} (or a list of them), got {method!r}")
+    if start not in SEARCHES:
+        raise ValueError(f"start must be one of {SEARCHES}, got {start!r}")
     step = _check_fraction(step, "step", 0.0, 0.5 + 1e-12)
     for name, value, low in (("move", move, 1), ("sweeps", sweeps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -254,7 +293,7 @@ def calibrate(model: torch.nn.Module, images, *, flops: Optional[float] = None,
     results = []
     with search.bar:
         for m in methods:
-            results.append(_calibrate_method(search, m, combos[m], step, move, sweeps, images_per_s))
+            results.append(_calibrate_method(search, m, combos[m], start, step, move, sweeps, images_per_s))
     best = min(results, key=lambda s: s.meta["kl"])
     best.meta.update(images=sum(len(b) for b in batches), flip=flip, evaluations=len(search._fidelity),
                      target={"flops": flops} if flops is not None else {"images_per_s": images_per_s},
@@ -262,15 +301,18 @@ def calibrate(model: torch.nn.Module, images, *, flops: Optional[float] = None,
     return best
 
 
-def _calibrate_method(search: CalibrationSearch, method: str, combos: List[Dict[str, Any]], step: float, move: int,
-                      sweeps: int, images_per_s: Optional[float]) -> Setting:
+def _calibrate_method(search: CalibrationSearch, method: str, combos: List[Dict[str, Any]], start: str, step: float,
+                      move: int, sweeps: int, images_per_s: Optional[float]) -> Setting:
     options = combos[0]
     if images_per_s is None:
         done = lambda s: search.flops(s) <= search.target  # noqa: E731
     else:
         done = lambda s: search.throughput(s) >= images_per_s  # noqa: E731
-    r = _greedy(search, method, options, step, done)
+    if start == "greedy" or search.target is None:  # a throughput target: the greedy path finds the budget
+        r = _greedy(search, method, options, step, done)
     budget = search.flops(schedule_setting(method, r, options)) if search.target is None else search.target
+    if start == "ramp":
+        r = _ramp(search, method, options, budget)
     for combo in combos[1:]:  # the options, on the greedy schedule (refitted to the budget)
         cand = _fit(search, method, search.applied(method, r, combo), combo, budget, search.depth - 1)
         if cand is not None and search.kl(schedule_setting(method, cand, combo)) < search.kl(schedule_setting(method, r, options)):
@@ -312,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="hold a method option fixed (e.g. --option weight=size_attn)")
     parser.add_argument("--no-option-search", action="store_true", help="use the method's default options")
+    parser.add_argument("--start", choices=SEARCHES, default="ramp",
+                        help="schedule the search starts from: the best ramp, or greedy per-block steps (default: ramp)")
     parser.add_argument("--step", type=float, default=DEFAULT_STEP,
                         help="FLOPs saved per greedy step, fraction of the unreduced (default: %(default)s)")
     parser.add_argument("--move", type=int, default=DEFAULT_MOVE, help="tokens per refinement move (default: %(default)s)")
@@ -340,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.perf_counter()
         setting = calibrate(model, args.images, flops=args.flops, images_per_s=args.images_per_s,
                             method=args.method, options=parse_options(args.option, "--option"),
-                            search_options=not args.no_option_search, step=args.step, move=args.move,
+                            search_options=not args.no_option_search, start=args.start, step=args.step, move=args.move,
                             sweeps=args.sweeps, limit=args.limit, split=args.split, batch_size=args.batch_size,
                             flip=args.flip, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError) as err:

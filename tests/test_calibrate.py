@@ -33,8 +33,9 @@ def images():
 
 @pytest.fixture(scope="module")
 def calibrated(tiny, images):
-    return {m: calibrate.calibrate(tiny, images, flops=FLOPS, method=m, batch_size=6, step=STEP, progress=False)
-            for m in ("merge", "tome")}
+    return {(m, start): calibrate.calibrate(tiny, images, flops=FLOPS, method=m, start=start, batch_size=6,
+                                            step=STEP, progress=False)
+            for m in ("merge", "tome") for start in calibrate.SEARCHES}
 
 
 def _kl(model, setting, images):
@@ -49,9 +50,12 @@ def _kl(model, setting, images):
     return float(kl_divergence(base, out).mean())
 
 
-@pytest.mark.parametrize("method", ["merge", "tome"])
-def test_meets_the_budget_and_the_patch_takes_it(tiny, images, calibrated, method):
-    setting = calibrated[method]
+CASES = [("merge", "ramp"), ("tome", "ramp"), ("merge", "greedy"), ("tome", "greedy")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_meets_the_budget_and_the_patch_takes_it(tiny, images, calibrated, case):
+    method, setting = case[0], calibrated[case]
     base = evaluate.setting_gflops(tiny, "none", images[0])
     assert evaluate.setting_gflops(tiny, setting, images[0]) <= FLOPS * base
     assert setting.meta["flops_fraction"] <= FLOPS and setting.method == method
@@ -66,9 +70,9 @@ def test_meets_the_budget_and_the_patch_takes_it(tiny, images, calibrated, metho
     assert not patch.is_patched(tiny)  # calibrate left the model as it found it
 
 
-@pytest.mark.parametrize("method", ["merge", "tome"])
-def test_json_round_trip_gives_the_identical_setting(calibrated, tmp_path, method):
-    setting = calibrated[method]
+@pytest.mark.parametrize("case", CASES)
+def test_json_round_trip_gives_the_identical_setting(calibrated, tmp_path, case):
+    setting = calibrated[case]
     path = settings.save_setting(setting, tmp_path / "schedule.json")
     loaded = settings.load_setting(path)
     assert loaded == setting and loaded.text == setting.text and loaded.meta == setting.meta
@@ -79,9 +83,9 @@ def test_json_round_trip_gives_the_identical_setting(calibrated, tmp_path, metho
     assert [settings.load_setting(p) for p in args.schedule] == [setting]
 
 
-@pytest.mark.parametrize("method", ["merge", "tome"])
-def test_search_beats_the_uniform_schedule_at_the_same_flops(tiny, images, calibrated, method):
-    setting = calibrated[method]
+@pytest.mark.parametrize("case", CASES)
+def test_search_beats_the_uniform_schedule_at_the_same_flops(tiny, images, calibrated, case):
+    method, setting = case[0], calibrated[case]
     base = evaluate.setting_gflops(tiny, "none", images[0])
     # the smallest constant r within the budget, found here by counting
     r = next(r for r in range(1, 17) if evaluate.setting_gflops(
@@ -93,8 +97,10 @@ def test_search_beats_the_uniform_schedule_at_the_same_flops(tiny, images, calib
 
 
 def test_deterministic(tiny, images, calibrated):
-    again = calibrate.calibrate(tiny, images, flops=FLOPS, method="tome", batch_size=6, step=STEP, progress=False)
-    assert again == calibrated["tome"] and again.meta["kl"] == calibrated["tome"].meta["kl"]
+    again = calibrate.calibrate(tiny, images, flops=FLOPS, method="tome", start="greedy", batch_size=6, step=STEP,
+                                progress=False)
+    first = calibrated[("tome", "greedy")]
+    assert again == first and again.meta["kl"] == first.meta["kl"]
 
 
 @pytest.mark.parametrize("method", ["merge", "tome"])
@@ -112,7 +118,7 @@ def test_predicted_flops_equal_the_evaluations_count(tiny, images, method):
 
 def test_throughput_target(tiny, images):
     setting = calibrate.calibrate(tiny, images, images_per_s=1e-3, method="tome", sweeps=0, search_options=False,
-                                  progress=False)
+                                  step=STEP, progress=False)
     assert setting.meta["images_per_s"] >= 1e-3 and setting.meta["target"] == {"images_per_s": 1e-3}
 
 
@@ -141,6 +147,7 @@ def test_calibration_images_from_tensors_loaders_and_folders(tmp_path):
     (dict(images_per_s=-1.0), ValueError, "images_per_s"),
     (dict(flops=0.6, method="evit"), ValueError, "method"),
     (dict(flops=0.6, method=[]), ValueError, "method"),
+    (dict(flops=0.6, start="random"), ValueError, "start"),
     (dict(flops=0.6, step=0.0), ValueError, "step"),
     (dict(flops=0.6, step=0.9), ValueError, "step"),
     (dict(flops=0.6, move=0), ValueError, "move"),
