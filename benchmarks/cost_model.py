@@ -175,15 +175,16 @@ def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype =
     NA, NB = (N + 1) // 2, N // 2
     NS, M = NA - (p + 1) // 2, NB - p // 2
     tag = _tag(dtype)
-    match = _match_launch(B, NS, M, CM, dtype, elt, "ToMe match (A vs B)", f"cosine_match[{tag},S=98,M=98,Cm=64,ranges]",
-                          NS + M)
+    match = _match_launch(B, NS, M, CM, dtype, elt, "ToMe match (A vs B)",
+                          f"cosine_match[{tag},S=98,M=98,Cm=64,ranges]", NS + M)
     consts, warps = _select_config(NA)
+    bits, block_na = consts["RADIX_BITS"], consts["BLOCK_NA"]
+    steps = math.ceil(32 / bits)  # kernels/select.py's radix search, on the A tokens' best scores
     select = Launch(
-        "ToMe select (top-r by rank)", "tome_select[N=197]",
+        "ToMe select (top-r)", "tome_select[N=197]",
         min_bytes=B * (NS * 12 + N * 8),
-        useful_flops=0.0, written_flops=B * consts["BLOCK_NA"] * math.ceil(NA / consts["BLOCK_J"]) * consts["BLOCK_J"] * 4,
-        tensor_cores=False, programs=B, serial_steps_reduction=math.ceil(NA / consts["BLOCK_J"]) + 2,
-        serial_steps_load=2, num_warps=warps)
+        useful_flops=0.0, written_flops=B * (steps * (block_na << bits) + 4 * block_na), tensor_cores=False,
+        programs=B, serial_steps_reduction=steps + 3, serial_steps_load=2, num_warps=warps)
     return [match, select, *_merge_launches(B, N, C, N - r, r, elt, False, True, "ToMe",
                                             f"tome_merge[{tag},size]", f"tome_merge_backward[{tag},size]")]
 
@@ -191,7 +192,8 @@ def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype =
 def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> dict:
     memory_us = launch.min_bytes / (machine.bandwidth_gbps * 1e9) * 1e6
     scalar = launch.written_flops - launch.tc_flops
-    compute_us = (launch.tc_flops / (launch.tc_rate * machine.tc_tflops * 1e12) + scalar / (machine.fp32_fma_tflops * 1e12)) * 1e6
+    compute_us = (launch.tc_flops / (launch.tc_rate * machine.tc_tflops * 1e12)
+                  + scalar / (machine.fp32_fma_tflops * 1e12)) * 1e6
     per_sm = max(1, (resident_warps or 16) // launch.num_warps)
     waves = math.ceil(launch.programs / (machine.sms * per_sm))
     serial_us = waves * (launch.serial_steps_reduction * machine.reduction_us

@@ -29,9 +29,8 @@ Inside BAT's own kernels every per-token quantity is a register vector over the 
 inattentive set; pairwise distances are computed in row tiles of at most 4096 elements (fp32, one
 rank-1 update per metric channel: :func:`_gram`) and recomputed in each pass rather than stored, so
 nothing of size ``N x N`` lives in memory. Moving a per-row result into a vector (and reading one
-back) is a one-hot reduction over the tile (:func:`_put`, :func:`_take`). Top-k selections count, for
-each token, the members that rank above it (:func:`_top_mask`): ``O(n^2)`` comparisons in the same
-row tiles, no sort.
+back) is a one-hot reduction over the tile (:func:`_put`, :func:`_take`). Top-k selections are
+``kernels/select.py``'s device function (:func:`~fastprune.kernels.select.topk_mask`): no sort.
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ from fastprune.reference import BATCounts, Merged
 from . import check_triton_device
 from .aot import KernelSpec, register
 from .match import cosine_match_triton
-from .select import select_topk_triton
+from .select import order_keys, radix_bits, select_topk_triton, topk_mask
 from .weighted_merge import weighted_merge, weighted_merge_backward
 
 __all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
@@ -65,25 +64,6 @@ def _take(full, idx, cols):
 def _put(vals, rows, cols):
     """A vector over ``cols`` holding ``vals`` at positions ``rows`` (distinct) and 0 elsewhere."""
     return tl.sum(tl.where(rows[:, None] == cols[None, :], vals[:, None], 0), axis=0)
-
-
-@triton.jit
-def _top_mask(vals, member, K, cols, n_rows, BLOCK_R: tl.constexpr):
-    """Top-k selection: ``member & (rank < K)``, where ``rank_j`` counts the members ``i`` with
-    ``v_i > v_j`` or ``v_i == v_j and i < j`` (larger first, ties to the lower index).
-
-    ``vals`` and ``member`` are register vectors over ``cols``; members lie below ``n_rows``. The
-    comparisons run in ``[BLOCK_R, len(cols)]`` tiles.
-    """
-    rank = tl.zeros(cols.shape, tl.int32)
-    for r0 in range(0, n_rows, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        v_rows = _take(vals, rows, cols)
-        m_rows = _take(member.to(tl.int32), rows, cols) != 0
-        above = (v_rows[:, None] > vals[None, :]) | \
-            ((v_rows[:, None] == vals[None, :]) & (rows[:, None] < cols[None, :]))
-        rank += tl.sum((m_rows[:, None] & above).to(tl.int32), axis=0)
-    return member & (rank < K)
 
 
 @triton.jit
@@ -135,7 +115,7 @@ def _sq_dist(gram, sq_rows, sq_cols, rows, cols, CM):
 def _bat_match_kernel(
         kept_ptr, best_ptr, partner_ptr, index_ptr,
         N, P, K, R,
-        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Attentive token matching, after the selection and the cosine matching, for one image (grid ``(B,)``).
 
     ``kept [B, P + K]``: the prefix and attentive token positions in token order; the attentive
@@ -143,7 +123,7 @@ def _bat_match_kernel(
     ``[B, ceil(K / 2)]``: each A token's best cosine similarity and partner (index among the B tokens).
     Per-token quantities are ``[BLOCK_K]`` register vectors over ``q`` (``BLOCK_K >= K``):
 
-    1. merged = the ``R`` A tokens with the best similarity (:func:`_top_mask`, ties to the lower index);
+    1. merged = the ``R`` A tokens with the best similarity (top-k, ties to the lower index);
     2. survivors (prefix + unmerged attentive tokens) get slots ``0 .. P + K - R - 1`` in token order
        (a cumsum); a merged A token gets its partner's slot (a one-hot read in ``BLOCK_R`` row tiles).
 
@@ -162,7 +142,7 @@ def _bat_match_kernel(
     if R > 0:
         best = tl.load(best_ptr + pid_b * NA + q // 2, mask=is_a, other=float("-inf"))
         partner = tl.load(partner_ptr + pid_b * NA + q // 2, mask=is_a, other=0).to(tl.int32)
-        merged = _top_mask(best, is_a, R, q, K, BLOCK_R)
+        merged = topk_mask(order_keys(best, is_a, False), R, RADIX_BITS)
 
     offs_p = tl.arange(0, BLOCK_K)
     tl.store(index_row + offs_p, offs_p.to(tl.int64), mask=offs_p < P)  # prefix tokens stay in place
@@ -186,7 +166,7 @@ def _bat_cluster_kernel(
         metric_ptr, stride_mb, stride_mn, stride_mc,
         index_ptr,
         N, CM, n, NC, KNN, BASE,
-        BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr):
+        BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, RADIX_BITS: tl.constexpr):
     """DPC-kNN clustering of one image's inattentive tokens; writes their ``index`` (``BASE`` + cluster).
 
     One program per image ``b`` holds the inattentive set: its ``n`` token ids (``rest [B, n]``, from
@@ -199,7 +179,7 @@ def _bat_cluster_kernel(
        of min + mask per row tile);
     b. ``delta``: distance to the nearest denser token (density, then lower index), the row maximum
        for the densest; score ``log rho + log delta``;
-    c. centres: the ``NC`` best scores (:func:`_top_mask`), numbered in token order (cumsum);
+    c. centres: the ``NC`` best scores (top-k, ties to the lower index), numbered in token order (cumsum);
     d. every token joins its nearest centre (first minimum; a centre joins itself):
        ``index = BASE + centre number``.
 
@@ -244,7 +224,7 @@ def _bat_cluster_kernel(
         score += _put(ld_rows + tl.log(delta), rows, jj)
 
     # c. centres: the NC best scores, numbered in token order.
-    centre = _top_mask(score, member, NC, jj, n, BLOCK_R)
+    centre = topk_mask(order_keys(score, member, False), NC, RADIX_BITS)
     centre_slot = tl.cumsum(centre.to(tl.int32), axis=0) - 1
 
     # d. assignment to the nearest centre.
@@ -266,13 +246,15 @@ def _bat_cluster_kernel(
 def _match_config(K: int) -> tuple[dict, int]:
     """Constants and num_warps of the matching kernel: ``[BLOCK_R, BLOCK_K]`` tiles of <= 4096 elements."""
     block_k = max(16, triton.next_power_of_2(K))
-    return dict(BLOCK_K=block_k, BLOCK_R=max(16, min(32, 4096 // block_k))), (4 if block_k <= 256 else 8)
+    warps = 4 if block_k <= 256 else 8
+    consts = dict(BLOCK_K=block_k, BLOCK_R=max(16, min(32, 4096 // block_k)), RADIX_BITS=radix_bits(block_k, warps))
+    return consts, warps
 
 
 def _cluster_config(n_inattentive: int) -> tuple[dict, int]:
     """Constants and num_warps of the clustering kernel: ``[BLOCK_R, BLOCK_I]`` tiles of <= 4096 elements."""
     block_i = max(16, triton.next_power_of_2(n_inattentive))
-    return dict(BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i))), 8
+    return dict(BLOCK_I=block_i, BLOCK_R=max(16, min(block_i, 4096 // block_i)), RADIX_BITS=radix_bits(block_i, 8)), 8
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,9 +23,8 @@ similarity matrix in global memory:
   argmax; writes the best score and partner of every non-prefix A token. Near-ties (similarities
   closer than :func:`fastprune.kernels.match.near_tie_eps`) may resolve otherwise than the float64
   reference; exact ties go to the lower B index.
-* :func:`_tome_select_kernel` (grid ``(B,)``): the top-``r`` A tokens by an in-kernel rank
-  (``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}``, exact, ties to the lower index), then the
-  output order as the index map ``[B, N]``.
+* :func:`_tome_select_kernel` (grid ``(B,)``): the top-``r`` A tokens (``kernels/select.py``'s
+  top-k device function, ties to the lower index), then the output order as the index map ``[B, N]``.
 * the size-weighted merge by that index map: ``kernels/weighted_merge.py``, the one weighted merge of
   every method (a gather: each output row reads its own token and the A tokens merged into it).
 
@@ -47,6 +46,7 @@ from fastprune.reference import Merged
 from . import check_triton_device
 from .aot import KernelSpec, register
 from .match import _cosine_match_kernel, match_config
+from .select import order_keys, radix_bits, topk_mask
 from .weighted_merge import backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
@@ -59,22 +59,20 @@ __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
 def _tome_select_kernel(
         score_ptr, partner_ptr, index_ptr,
         N, NA, NB, P, R,
-        BLOCK_NA: tl.constexpr, BLOCK_J: tl.constexpr):
+        BLOCK_NA: tl.constexpr, RADIX_BITS: tl.constexpr):
     """Top-``r`` selection and the output order of one image (one program per image).
 
     ``score [B, NS]`` and ``partner [B, NS]`` (int64) are the best similarity and the best partner
     (index among the non-prefix B tokens) of the ``NS = NA - A0`` non-prefix A tokens, ``A0 = (P + 1) // 2``:
 
-    1. rank of every non-prefix A token among them,
-       ``rank_i = #{j: s_j > s_i or (s_j == s_i and j < i)}``, counted in ``[BLOCK_NA, BLOCK_J]``
-       comparison tiles (``O(NA^2)`` comparisons, no sort, no host sync); merged iff ``rank_i < R``;
+    1. merged = the ``R`` non-prefix A tokens with the largest score, ties to the lower index
+       (``kernels/select.py``'s :func:`~fastprune.kernels.select.topk_mask`: no sort, no host sync);
     2. output slots: prefix tokens keep their position; unmerged A tokens follow in order
        (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + n_unmerged + j``; a merged
        A token maps to its partner's slot;
     3. stores the index map ``index[b, pos]`` (int64).
 
-    Memory traffic: reads ``12 NS`` bytes (the scores are re-read per ``BLOCK_J`` chunk from L1/L2),
-    writes ``8 N`` bytes.
+    Memory traffic: reads ``12 NS`` bytes, writes ``8 N`` bytes.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     A0 = (P + 1) // 2
@@ -85,16 +83,9 @@ def _tome_select_kernel(
     candidate = valid & (offs >= A0)
     s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
 
-    # 1. ranks
-    rank = tl.zeros([BLOCK_NA], tl.int32)
-    for j0 in range(0, NA, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        member_j = (offs_j < NA) & (offs_j >= A0)
-        s_j = tl.load(score_ptr + pid_b * NS + offs_j - A0, mask=member_j, other=float("-inf"))
-        ahead = (s_j[None, :] > s[:, None]) | ((s_j[None, :] == s[:, None]) & (offs_j[None, :] < offs[:, None]))
-        rank += tl.sum((ahead & member_j[None, :]).to(tl.int32), axis=1)
-    merged = candidate & (rank < R)
-    unmerged = candidate & (rank >= R)
+    # 1. the top-R scores
+    merged = topk_mask(order_keys(s, candidate, False), R, RADIX_BITS)
+    unmerged = candidate & (merged == 0)
 
     # 2. slots
     b_base = P + NS - R  # slot of the j-th non-prefix B token is b_base + j
@@ -115,10 +106,10 @@ def _tome_select_kernel(
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
 def _select_config(NA: int) -> tuple[dict, int]:
-    """``BLOCK_NA >= NA`` (a power of two); the comparison tile ``BLOCK_NA x BLOCK_J`` stays <= 4096."""
+    """``BLOCK_NA >= NA`` (a power of two), the radix width of the top-r search."""
     block_na = max(16, triton.next_power_of_2(NA))
-    block_j = min(64, max(2, 4096 // block_na))
-    return dict(BLOCK_NA=block_na, BLOCK_J=block_j), (4 if block_na <= 1024 else 8)
+    num_warps = 4 if block_na <= 1024 else 8
+    return dict(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps)), num_warps
 
 
 # ----------------------------------------------------------------------------------------------------
