@@ -177,20 +177,19 @@ def _cosine_match_kernel(
 def match_config(S: int, M: int, CM: int, dtype: torch.dtype) -> tuple[dict, int]:
     """Compile-time constants and num_warps for ``S`` sources, ``M`` candidates, ``CM`` channels.
 
-    Tiles of up to 32 sources (16 for float32, whose TF32x3 makes three products) x 32 candidates;
-    the metric in one chunk up to 64 channels (32 for float32), else in chunks of 32: compiled for
-    sm_80/sm_90 at least 16 warps stay resident per SM. ``tl.dot`` needs 16 in every dimension.
-    Under the interpreter bf16 operands are widened to float32 (its ``tl.dot`` mishandles bf16), an
-    exact conversion.
+    Tiles of 16 sources x up to 32 candidates; the metric in one chunk up to 64 channels (32 for
+    float32, whose TF32x3 makes three products), else in chunks of 32 (16 for float32): compiled for
+    sm_80/sm_90 with triton 3.6 and 3.8 at least 16 warps stay resident per SM. ``tl.dot`` needs 16 in
+    every dimension. Under the interpreter bf16 operands are widened to float32 (its ``tl.dot``
+    mishandles bf16), an exact conversion.
     """
     wide = dtype == torch.float32
     block_cm = max(16, triton.next_power_of_2(CM))
     single = block_cm <= (32 if wide else 64)
     upcast = dtype == torch.bfloat16 and interpreting()
     consts = dict(PRECISION="tf32x3" if wide else "ieee" if upcast else "tf32", UPCAST=upcast,
-                  COS_EPS=COSINE_EPS, BLOCK_I=max(16, min(16 if wide else 32, triton.next_power_of_2(S))),
-                  BLOCK_J=max(16, min(32, triton.next_power_of_2(M))),
-                  BLOCK_CM=block_cm if single else 32, SINGLE_CHUNK=single)
+                  COS_EPS=COSINE_EPS, BLOCK_I=16, BLOCK_J=max(16, min(32, triton.next_power_of_2(M))),
+                  BLOCK_CM=block_cm if single else 16 if wide else 32, SINGLE_CHUNK=single)
     return consts, 4
 
 
