@@ -275,6 +275,7 @@ def test_triton_merge_exports_as_two_operators():
 
 def test_triton_operators_opcheck():
     """Schema, fake kernels (static and dynamic shapes) and autograd registration of the operators."""
+    import fastprune.kernels.merge  # noqa: F401  (registers the operators, also when this test runs alone)
     x, attn, size = (t.detach() for t in _merge_inputs())
     index = torch.ops.fastprune.mstm_select_match_triton(attn, x, 4, 1)
     torch.library.opcheck(torch.ops.fastprune.mstm_select_match_triton, (attn, x, 4, 1))
