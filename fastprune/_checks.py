@@ -49,16 +49,22 @@ def check_int(value, name: str, low: int, high: int) -> int:
     return value
 
 
+def check_float_tensor(value, name: str, shape_text: str = "") -> None:
+    """``value`` must be a floating-point tensor (``TypeError`` otherwise); ``shape_text`` (e.g.
+    ``" of shape [B, N]"``) goes into the message."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{shape_text}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
 def cls_scores(attn, x: torch.Tensor, name: str = "attn") -> torch.Tensor:
     """Validate the class token's attention and reduce it to float32 ``[B, N]`` scores.
 
     Accepted forms: ``[B, N]``; ``[B, H, N]`` (mean over heads); ``[B, H, N, N]`` (row 0, the class
     query, then mean over heads). The head mean is taken in float32.
     """
-    if not isinstance(attn, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(attn).__name__}")
-    if not attn.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {attn.dtype}")
+    check_float_tensor(attn, name)
     check_same_device(x, attn, name)
     B, N, _ = x.shape
     if attn.dim() == 2:
@@ -87,10 +93,7 @@ def check_size(size: Optional[torch.Tensor], x: torch.Tensor, name: str = "size"
     """
     if size is None:
         return None
-    if not isinstance(size, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B, N] or [B, N, 1], got {type(size).__name__}")
-    if not size.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {size.dtype}")
+    check_float_tensor(size, name, " of shape [B, N] or [B, N, 1]")
     check_same_device(x, size, name)
     B, N, _ = x.shape
     if size.dim() == 3 and size.shape[-1] == 1:

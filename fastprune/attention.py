@@ -52,10 +52,7 @@ def default_prop_attn_impl(device: torch.device | str) -> str:
 
 
 def _check_heads(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, N, d], got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _checks.check_float_tensor(t, name, " of shape [B, H, N, d]")
     if t.dim() != 4:
         raise ValueError(f"{name} must have shape [B, H, N, d] (rank 4), got shape {tuple(t.shape)}")
     if min(t.shape) < 1:
@@ -76,10 +73,7 @@ def _check_key_size(size, k: torch.Tensor) -> Optional[torch.Tensor]:
     """``size`` is None or a floating ``[B, N]`` / ``[B, N, 1]`` tensor matching ``k``'s B and N."""
     if size is None:
         return None
-    if not isinstance(size, torch.Tensor):
-        raise TypeError(f"size must be a torch.Tensor of shape [B, N] or None, got {type(size).__name__}")
-    if not size.is_floating_point():
-        raise TypeError(f"size must be a floating-point tensor, got {size.dtype}")
+    _checks.check_float_tensor(size, "size", " of shape [B, N] or None")
     if size.device != k.device:
         raise ValueError(f"size is on {size.device} but k is on {k.device}: they must be on the same device")
     if size.dim() == 3 and size.shape[-1] == 1:
