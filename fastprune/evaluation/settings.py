@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -170,7 +171,9 @@ def format_setting(method: str, r: Optional[RSpec], options: Dict[str, Any]) -> 
 def save_setting(setting: "Setting", path: Union[str, os.PathLike]) -> pathlib.Path:
     """Write ``setting`` (with its ``meta``) as JSON to ``path``; returns the path."""
     path = pathlib.Path(path)
-    path.write_text(json.dumps(setting.to_dict(), indent=2) + "\n")
+    text = json.dumps(setting.to_dict(), indent=2)
+    text = re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    path.write_text(text + "\n")  # lists of ints on one line
     return path
 
 
