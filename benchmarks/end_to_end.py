@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import gc
 import signal
-import sys
 import threading
 import time
 from typing import Optional, Sequence
@@ -285,10 +284,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list:
     """Run the end-to-end benchmarks; returns the rows (also written to CSV / Markdown / PNG)."""
     args = parse_args(argv)
-    harness.set_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
+    device = harness.setup(args.device, args.threads)
     cfg = dict((QUICK if args.quick else DEFAULTS)[device.type])
     models = [m.strip() for m in args.models.split(",")] if args.models else cfg["models"]
     dtype = harness.DTYPES[args.dtype or cfg["dtype"]]
@@ -317,17 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         print(f"[{name}] {harness.DTYPE_NAMES[dtype]}, batch {batch}, compile: {name in compile_models}")
         rows += [dict(meta, **r) for r in run_model(name, variants, device, dtype, batch, name in compile_models,
                                                     rep_ms, warmup_ms, args.compile_timeout)]
-    csv_path = harness.write_csv(stem.with_suffix(".csv"), rows)
     md = summary_markdown(rows, meta)
-    stem.with_suffix(".md").write_text(md + "\n")
-    print(f"\nwrote {csv_path}\n      {stem.with_suffix('.md')}")
-    if not args.no_plots:
-        from . import plots
-
-        for path in plots.end_to_end_plot(rows, stem):
-            print(f"      {path}")
-    print()
-    print(md)
+    harness.write_results(stem, rows, md, None if args.no_plots else "end_to_end_plot")
     return rows
 
 

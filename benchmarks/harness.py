@@ -16,6 +16,7 @@ import os
 import pathlib
 import platform
 import re
+import sys
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -253,3 +254,27 @@ def set_threads(threads: Optional[int]) -> None:
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(threads)
+
+
+def write_results(stem: pathlib.Path, rows: list, md: str, plot: Optional[str] = None) -> None:
+    """Write ``<stem>.csv`` and ``<stem>.md``, draw ``benchmarks.plots.<plot>(rows, stem)`` (None: no
+    plots), print the paths and the Markdown."""
+    csv_path = write_csv(stem.with_suffix(".csv"), rows)
+    stem.with_suffix(".md").write_text(md + "\n")
+    print(f"\nwrote {csv_path}\n      {stem.with_suffix('.md')}")
+    if plot is not None:
+        from . import plots
+
+        for path in getattr(plots, plot)(rows, stem):
+            print(f"      {path}")
+    print()
+    print(md)
+
+
+def setup(device: str, threads: Optional[int]) -> torch.device:
+    """Set the CPU threads and return the device; exits if CUDA is asked for and absent."""
+    set_threads(threads)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    return device

@@ -260,10 +260,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> list:
     """Run the kernel benchmarks; returns the result rows (also written to CSV / Markdown / PNG)."""
     args = parse_args(argv)
-    harness.set_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda requested but CUDA is not available")
+    device = harness.setup(args.device, args.threads)
     grid = dict(GRIDS[device.type + ("-quick" if args.quick else "")])
     for name in ("shapes", "dtypes", "modes", "r"):
         if getattr(args, name) is not None:
@@ -312,17 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
             print(f"  {case.shape.name} B={case.batch} {harness.DTYPE_NAMES[case.dtype]} {case.mode} {_param(case)}: "
                   f"{desc}", flush=True)
 
-    csv_path = harness.write_csv(stem.with_suffix(".csv"), rows)
     md = summary_markdown(rows, skipped, meta, copy_gbps)
-    stem.with_suffix(".md").write_text(md + "\n")
-    print(f"\nwrote {csv_path}\n      {stem.with_suffix('.md')}")
-    if not args.no_plots:
-        from . import plots
-
-        for path in plots.kernel_plots(rows, stem):
-            print(f"      {path}")
-    print()
-    print(md)
+    harness.write_results(stem, rows, md, None if args.no_plots else "kernel_plots")
     return rows
 
 

@@ -339,8 +339,12 @@ def _evit_keep(case: Case) -> int:
 def _evit_bytes(case: Case) -> tuple[int, int]:
     """Forward: read x and the scores; write p + K + 1 tokens, their sizes (fp32) and the index map.
     Backward: read the output grad and the index map; write grad x and grad scores."""
+    return _scored_reduction_bytes(case, NUM_PREFIX_TOKENS + _evit_keep(case) + 1)
+
+
+def _scored_reduction_bytes(case: Case, n_out: int) -> tuple[int, int]:
+    """Bytes of a reduction ranked by scores that writes ``n_out`` tokens: (forward, backward)."""
     B, N, C = case.batch, case.shape.N, case.shape.C
-    n_out = NUM_PREFIX_TOKENS + _evit_keep(case) + 1
     e = _elt(case.dtype)
     fwd = B * N * C * e + B * N * 4 + B * n_out * C * e + B * n_out * 4 + B * N * 8
     bwd = B * n_out * C * e + B * N * 8 + B * N * C * e + B * N * 4
@@ -377,11 +381,7 @@ def _bat_out(case: Case) -> int:
 def _bat_bytes(case: Case) -> tuple[int, int]:
     """Forward: read x (also the metric) and the scores; write the output tokens, sizes, index map.
     Backward: read the output grad and the index map; write grad x and grad scores."""
-    B, N, C = case.batch, case.shape.N, case.shape.C
-    n_out, e = _bat_out(case), _elt(case.dtype)
-    fwd = B * N * C * e + B * N * 4 + B * n_out * C * e + B * n_out * 4 + B * N * 8
-    bwd = B * n_out * C * e + B * N * 8 + B * N * C * e + B * N * 4
-    return fwd, bwd
+    return _scored_reduction_bytes(case, _bat_out(case))
 
 
 def _bat_triton(case, x, scores):

@@ -142,12 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     print(f"device: {meta['device']}; torch {meta['torch']}, timm {meta['timm']}")
     rows = [dict(meta, **r) for r in run(args)]
     md = summary_markdown(rows, meta)
-    if not args.no_write:
-        stem = harness.result_stem("overhead", args.device)
-        harness.write_csv(stem.with_suffix(".csv"), rows)
-        stem.with_suffix(".md").write_text(md + "\n")
-        print(f"wrote {stem.with_suffix('.csv')}\n      {stem.with_suffix('.md')}")
-    print(md)
+    if args.no_write:
+        print(md)
+    else:
+        harness.write_results(harness.result_stem("overhead", args.device), rows, md)
     return rows
 
 
