@@ -1,9 +1,18 @@
-"""Evaluation data: pretrained timm models from safetensors, labelled ImageNet images, device labels.
+"""Evaluation data: labelled ImageNet images in one of two layouts, device labels.
 
 Data layout (default ``$FASTPRUNE_DATA`` or ``../shared/data`` next to the repository):
-``imagenet-sample/`` (images named ``<synset>_<anything>.JPEG``), ``imagenet_synsets.txt`` (the
-class index is the synset's line number, from 0: timm's ImageNet-1k order),
-``weights/<model>.<tag>.safetensors``.
+``imagenet-sample/``, ``imagenet_synsets.txt`` (the class index is the synset's line number, from 0:
+timm's ImageNet-1k order), ``weights/<model>.<tag>.safetensors`` (:mod:`.models`).
+
+An image folder is read in one of two layouts (:data:`LAYOUTS`, found by :func:`detect_layout`):
+
+* ``flat``: images named ``<synset>_<anything>.JPEG`` in the folder itself; the class index is the
+  synset's line in the synsets file;
+* ``imagefolder``: ``<folder>/<class>/<image>`` (the ImageNet-val layout); when every class folder
+  is named by a synset (``n01440764``) the class index is its line in the synsets file, else the
+  position of the folder in the sorted list of class folders.
+
+Either way the files are sorted by their path below the folder before the tune/report split.
 """
 from __future__ import annotations
 
@@ -11,95 +20,34 @@ import argparse
 import os
 import pathlib
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-#: Default weights file (in ``<data>/weights``) for the models the project evaluates.
-DEFAULT_WEIGHTS = {
-    "vit_tiny_patch16_224": "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors",
-    "deit_tiny_patch16_224": "deit_tiny_patch16_224.fb_in1k.safetensors",
-}
+from .models import DEFAULT_WEIGHTS, DTYPES, default_data_dir, default_weights, load_model
+
+__all__ = ["DEFAULT_WEIGHTS", "DTYPES", "IMAGES_DIR", "SYNSETS_FILE", "IMAGE_SUFFIXES", "SPLITS", "DEFAULT_SPLIT",
+           "LAYOUTS", "default_data_dir", "default_weights", "load_model", "read_synsets", "split_files",
+           "detect_layout", "class_folders", "image_folder", "image_files", "image_labels", "find_synsets", "Images",
+           "LabelledImages", "UnlabelledImages", "load_images", "load_unlabelled_images", "add_model_arguments",
+           "add_split_arguments", "add_data_arguments", "cpu_name", "device_label"]
+
 #: Sub-folder of the data directory holding the labelled images.
 IMAGES_DIR = "imagenet-sample"
 #: File of the 1000 ImageNet-1k synsets; line number (from 0) = class index.
 SYNSETS_FILE = "imagenet_synsets.txt"
 #: File name endings accepted as images (case-insensitive).
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The halves of the image folder (see :func:`split_files`), and "all" for every image.
 SPLITS = ("tune", "report", "all")
 #: The half the command lines evaluate unless told otherwise.
 DEFAULT_SPLIT = "report"
-
-
-def default_data_dir() -> pathlib.Path:
-    """``$FASTPRUNE_DATA`` if set, else ``../shared/data`` relative to the repository root."""
-    env = os.environ.get("FASTPRUNE_DATA")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def default_weights(model_name: str, data_dir: Union[str, os.PathLike]) -> pathlib.Path:
-    """The weights file for ``model_name`` in ``<data_dir>/weights``.
-
-    Known models use :data:`DEFAULT_WEIGHTS`; others use the only ``<model_name>[.<tag>].safetensors``
-    file there.
-
-    Raises:
-        FileNotFoundError: no (or more than one) matching file.
-    """
-    folder = pathlib.Path(data_dir) / "weights"
-    if model_name in DEFAULT_WEIGHTS:
-        path = folder / DEFAULT_WEIGHTS[model_name]
-        if not path.is_file():
-            raise FileNotFoundError(f"weights for {model_name} not found: {path} (pass --weights)")
-        return path
-    matches = sorted(folder.glob(f"{model_name}.safetensors")) + sorted(folder.glob(f"{model_name}.*.safetensors"))
-    if len(matches) != 1:
-        raise FileNotFoundError(f"expected one weights file {model_name}[.<tag>].safetensors in {folder}, "
-                                f"found {[m.name for m in matches]} (pass --weights)")
-    return matches[0]
-
-
-def load_model(model_name: str = "vit_tiny_patch16_224", weights: Union[str, os.PathLike, None] = None, *,
-               data_dir: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Create a timm model without downloading anything and load its weights from a safetensors file.
-
-    Args:
-        model_name: timm model name, e.g. ``"vit_tiny_patch16_224"`` or ``"deit_tiny_patch16_224"``.
-        weights: path of a ``.safetensors`` state dict with timm key names; if None, the model's file
-            in ``<data_dir>/weights`` (see :func:`default_weights`).
-        data_dir: data directory used when ``weights`` is None; :func:`default_data_dir` if None.
-        device: where to put the model.
-        dtype: parameter dtype (float32, float16 or bfloat16).
-
-    Returns:
-        The model in eval mode on ``device`` in ``dtype``. Its timm pretrained config (used by
-        :func:`load_images` for preprocessing) is the default tag of ``model_name``.
-
-    Raises:
-        FileNotFoundError: the weights file does not exist.
-        RuntimeError: the state dict does not match the model (``load_state_dict(strict=True)``).
-        TypeError: ``dtype`` is not a floating dtype timm models run in.
-    """
-    import safetensors.torch
-    import timm
-
-    if dtype not in DTYPES.values():
-        raise TypeError(f"dtype must be one of {list(DTYPES.values())}, got {dtype}")
-    if weights is None:
-        weights = default_weights(model_name, default_data_dir() if data_dir is None else data_dir)
-    weights = pathlib.Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights}")
-    model = timm.create_model(model_name, pretrained=False)
-    model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
-    return model.eval().to(device=device, dtype=dtype)
+#: Layouts of an image folder ("auto": :func:`detect_layout`).
+LAYOUTS = ("auto", "flat", "imagefolder")
+_SYNSET = re.compile(r"n\d{8}")
 
 
 def read_synsets(path: Union[str, os.PathLike]) -> Dict[str, int]:
@@ -108,30 +56,41 @@ def read_synsets(path: Union[str, os.PathLike]) -> Dict[str, int]:
     return {synset: i for i, synset in enumerate(lines)}
 
 
-def split_files(files: Sequence[pathlib.Path], split: str = "all") -> List[pathlib.Path]:
-    """One half of ``files`` by position in the list sorted by file name: "tune" the even positions
-    (0, 2, 4, ...), "report" the odd ones (1, 3, 5, ...), "all" every file.
+def split_files(files: Sequence[pathlib.Path], split: str = "all",
+                root: Union[str, os.PathLike, None] = None) -> List[pathlib.Path]:
+    """One half of ``files`` by position in the sorted list: "tune" the even positions (0, 2, 4, ...),
+    "report" the odd ones (1, 3, 5, ...), "all" every file.
 
-    Choices (defaults, schedules, thresholds) are made on "tune"; results are reported on "report".
-    The rule depends only on the file names, so the halves are fixed, disjoint and together cover
-    the folder; with one image per class in synset order they alternate classes.
+    The list is sorted by file name, or by the path below ``root`` if given (``class/name`` in an
+    ImageFolder tree). Choices (defaults, schedules, thresholds) are made on "tune"; results are
+    reported on "report". The rule depends only on the names, so the halves are fixed, disjoint and
+    together cover the folder; with one image per class in synset order they alternate classes.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    files = sorted(files, key=lambda f: pathlib.Path(f).name)
+    key = ((lambda f: pathlib.Path(f).name) if root is None
+           else (lambda f: pathlib.Path(f).relative_to(root).as_posix()))
+    files = sorted(files, key=key)
     if split == "all":
         return files
     return files[0::2] if split == "tune" else files[1::2]
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--weights`` and ``--data`` of the command lines (see :func:`load_model`)."""
+def add_model_arguments(parser: argparse.ArgumentParser, pretrained: bool = False) -> None:
+    """``--model``, ``--weights`` and ``--data`` of the command lines (see :func:`load_model`), and
+    ``--pretrained`` if ``pretrained``."""
     parser.add_argument("--model", default="vit_tiny_patch16_224",
                         help="timm model name (vit_tiny_patch16_224, deit_tiny_patch16_224, ...)")
     parser.add_argument("--weights", type=pathlib.Path, default=None,
-                        help="safetensors state dict (default: the model's file in <data>/weights)")
+                        help="safetensors state dict or torch checkpoint (.pth/.pt/.bin: a state dict, or a dict "
+                             "with 'state_dict' or 'model'); default: the model's file in <data>/weights")
+    if pretrained:
+        parser.add_argument("--pretrained", action="store_true",
+                            help="let timm download the model's pretrained weights (needs a network) instead "
+                                 "of --weights")
     parser.add_argument("--data", type=pathlib.Path, default=None,
-                        help="data directory (default: $FASTPRUNE_DATA or ../shared/data next to the repository)")
+                        help="data directory or image folder (default: $FASTPRUNE_DATA or ../shared/data next to "
+                             "the repository)")
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,17 +103,96 @@ def add_split_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the horizontally flipped pass (agreement and KL on the images alone)")
 
 
-def image_files(folder: Union[str, os.PathLike], limit: Optional[int] = None,
-                split: str = "all") -> List[pathlib.Path]:
-    """The image files in ``folder`` sorted by file name: the ``split`` half (:func:`split_files`),
-    then the first ``limit`` of those if given."""
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--layout`` and ``--synsets`` of the command lines (see :func:`load_images`)."""
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="image folder layout: 'flat' (<synset>_<name>.JPEG), 'imagefolder' "
+                             "(<class>/<image>, the ImageNet-val layout) or 'auto' (found from the folder)")
+    parser.add_argument("--synsets", type=pathlib.Path, default=None,
+                        help=f"synsets file, one per line, line = class index (default: {SYNSETS_FILE} in the "
+                             "data directory, next to the image folder, or in the default data directory)")
+
+
+def _is_image(path: pathlib.Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def class_folders(folder: Union[str, os.PathLike]) -> List[pathlib.Path]:
+    """The sub-folders of ``folder`` that hold images, sorted by name (the classes of an ImageFolder tree)."""
+    return sorted((d for d in pathlib.Path(folder).iterdir() if d.is_dir() and any(map(_is_image, d.iterdir()))),
+                  key=lambda d: d.name)
+
+
+def detect_layout(folder: Union[str, os.PathLike]) -> str:
+    """"flat" if ``folder`` holds images, "imagefolder" if only its sub-folders do.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: both hold images (say which with ``layout``).
+    """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = split_files([f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES], split)
+    flat, tree = any(map(_is_image, folder.iterdir())), bool(class_folders(folder))
+    if flat and tree:
+        raise ValueError(f"{folder} holds images and class folders of images: pass --layout flat or imagefolder")
+    return "imagefolder" if tree else "flat"
+
+
+def image_files(folder: Union[str, os.PathLike], limit: Optional[int] = None, split: str = "all",
+                layout: str = "auto") -> List[pathlib.Path]:
+    """The image files of ``folder`` (``flat``: in it; ``imagefolder``: in its class folders) sorted by
+    their path below it: the ``split`` half (:func:`split_files`), then the first ``limit`` if given."""
+    folder = pathlib.Path(folder)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    layout = detect_layout(folder) if layout == "auto" else layout
+    folders = class_folders(folder) if layout == "imagefolder" else [folder]
+    files = split_files([f for d in folders for f in d.iterdir() if _is_image(f)], split, root=folder)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} (split {split!r})")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} ({layout} layout, "
+                                f"split {split!r})")
     return files[:limit] if limit is not None else files
+
+
+def find_synsets(*folders: Union[str, os.PathLike, None]) -> Optional[pathlib.Path]:
+    """The first ``SYNSETS_FILE`` in ``folders`` and then in :func:`default_data_dir`, or None."""
+    for d in [*folders, default_data_dir()]:
+        if d is not None and (pathlib.Path(d) / SYNSETS_FILE).is_file():
+            return pathlib.Path(d) / SYNSETS_FILE
+    return None
+
+
+def image_labels(files: Sequence[pathlib.Path], folder: Union[str, os.PathLike], layout: str,
+                 synsets: Optional[Dict[str, int]]) -> List[int]:
+    """The class index of every file (the rules of the module docstring).
+
+    Args:
+        files: images from :func:`image_files` of ``folder``.
+        layout: "flat" or "imagefolder".
+        synsets: :func:`read_synsets` of the synsets file; needed unless the class folders are not synsets.
+
+    Raises:
+        ValueError: a synset that is not in ``synsets``, or ``synsets`` None where it is needed.
+    """
+    folder = pathlib.Path(folder)
+    if layout == "imagefolder":
+        classes = [d.name for d in class_folders(folder)]
+        if not all(_SYNSET.fullmatch(c) for c in classes):  # class names: sorted folder order
+            index = {c: i for i, c in enumerate(classes)}
+            return [index[f.parent.name] for f in files]
+        names = [f.parent.name for f in files]
+    else:
+        names = [f.name.split("_", 1)[0] for f in files]
+    if synsets is None:
+        raise ValueError(f"the images of {folder} are labelled by synsets but no {SYNSETS_FILE} was found "
+                         "(pass --synsets)")
+    for f, synset in zip(files, names):
+        if synset not in synsets:
+            raise ValueError(f"image {f.name}: synset {synset!r} is not in the synsets file")
+    return [synsets[s] for s in names]
 
 
 class UnlabelledImages(torch.utils.data.Dataset):
@@ -175,19 +213,32 @@ class UnlabelledImages(torch.utils.data.Dataset):
 
 
 class LabelledImages(UnlabelledImages):
-    """``(image tensor, class index)`` pairs from files named ``<synset>_<name>.<ext>``."""
+    """``(image tensor, class index)`` pairs; ``labels`` one class index per file, or ``{synset: index}``
+    for files named ``<synset>_<name>.<ext>``."""
 
-    def __init__(self, files: Sequence[pathlib.Path], synsets: Dict[str, int], transform):
+    def __init__(self, files: Sequence[pathlib.Path], labels: Union[Sequence[int], Dict[str, int]], transform):
         super().__init__(files, transform)
-        self.labels = []
-        for f in self.files:
-            synset = f.name.split("_", 1)[0]
-            if synset not in synsets:
-                raise ValueError(f"image {f.name}: synset {synset!r} is not in the synsets file")
-            self.labels.append(synsets[synset])
+        if isinstance(labels, dict):
+            labels = image_labels(self.files, self.files[0].parent if self.files else ".", "flat", labels)
+        if len(labels) != len(self.files):
+            raise ValueError(f"{len(self.files)} files but {len(labels)} labels")
+        self.labels = list(labels)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         return super().__getitem__(i), self.labels[i]
+
+
+def _check_sizes(limit: Optional[int], batch_size: int) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _transform(model: torch.nn.Module):
+    import timm.data
+
+    return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
 
 def load_unlabelled_images(folder: Union[str, os.PathLike], model: torch.nn.Module, *, limit: Optional[int] = None,
@@ -199,15 +250,10 @@ def load_unlabelled_images(folder: Union[str, os.PathLike], model: torch.nn.Modu
         FileNotFoundError: no such folder, or no images in it.
         ValueError: ``limit`` or ``batch_size`` not positive, unknown ``split``.
     """
-    import timm.data
     from tqdm import tqdm
 
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = UnlabelledImages(image_files(folder, limit, split),
-                               timm.data.create_transform(**timm.data.resolve_data_config(model=model)))
+    _check_sizes(limit, batch_size)
+    dataset = UnlabelledImages(image_files(folder, limit, split), _transform(model))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return list(tqdm(loader, desc="decoding images", unit="batch", disable=not progress, file=sys.stderr))
 
@@ -215,33 +261,46 @@ def load_unlabelled_images(folder: Union[str, os.PathLike], model: torch.nn.Modu
 @dataclass
 class Images:
     """Preprocessed images kept in memory: ``batches`` float32 ``[b, 3, H, W]`` (b <= batch size),
-    ``labels`` int64 ``[n]`` and the file ``names``, in file-name order."""
+    ``labels`` int64 ``[n]`` and the ``names`` (paths below the image folder), in sorted order;
+    ``total`` the number of images of the whole split when these are one process's share of it
+    (:mod:`.distributed`), else ``len(names)``."""
 
     batches: List[torch.Tensor]
     labels: torch.Tensor
     names: List[str]
+    indices: Optional[List[int]] = None
+    total: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.names)
 
 
+def image_folder(data_dir: Union[str, os.PathLike, None] = None) -> pathlib.Path:
+    """The image folder of a data directory: its ``imagenet-sample/`` if present, else itself."""
+    root = default_data_dir() if data_dir is None else pathlib.Path(data_dir)
+    return root / IMAGES_DIR if (root / IMAGES_DIR).is_dir() else root
+
+
 def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[torch.nn.Module] = None, *,
                 limit: Optional[int] = None, split: str = "all", batch_size: int = 32, workers: int = 0,
-                progress: bool = True) -> Images:
+                progress: bool = True, layout: str = "auto", synsets: Union[str, os.PathLike, None] = None,
+                indices: Optional[Sequence[int]] = None) -> Images:
     """Decode and preprocess the labelled images once, with timm's transform for ``model``.
 
     Args:
-        data_dir: the data directory (with ``imagenet-sample/`` and ``imagenet_synsets.txt``), or a
-            folder of images whose parent holds ``imagenet_synsets.txt``;
-            :func:`default_data_dir` if None.
+        data_dir: the data directory (with ``imagenet-sample/`` and ``imagenet_synsets.txt``), or an
+            image folder (either layout); :func:`default_data_dir` if None.
         model: the timm model whose pretrained config gives the preprocessing
             (``timm.data.resolve_data_config(model=model)`` + ``timm.data.create_transform``:
             resize, centre crop, normalisation).
-        limit: use only the first ``limit`` images (sorted by file name) of the ``split``.
+        limit: use only the first ``limit`` images (sorted by path) of the ``split``.
         split: "tune", "report" or "all" (:func:`split_files`); applied before ``limit``.
         batch_size: images per batch (the last batch may be smaller).
         workers: DataLoader worker processes for decoding (0 = in this process).
         progress: show a tqdm progress bar.
+        layout: "flat", "imagefolder" or "auto" (:func:`detect_layout`).
+        synsets: the synsets file; if None, :func:`find_synsets` in ``data_dir`` and next to the folder.
+        indices: decode only these positions of the (split, limited) list: one process's share.
 
     Returns:
         :class:`Images` with the float32 batches on the CPU.
@@ -250,34 +309,33 @@ def load_images(data_dir: Union[str, os.PathLike, None] = None, model: Optional[
         FileNotFoundError: the image folder or the synsets file does not exist, or has no images.
         ValueError: a file's synset is unknown, ``limit`` or ``batch_size`` not positive, unknown ``split``.
     """
-    import timm.data
     from tqdm import tqdm
 
     if model is None:
         raise TypeError("model must be a timm model (its pretrained config gives the preprocessing)")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    root = default_data_dir() if data_dir is None else pathlib.Path(data_dir)
-    folder = root / IMAGES_DIR if (root / IMAGES_DIR).is_dir() else root
-    synsets_file = next((d / SYNSETS_FILE for d in (root, folder.parent) if (d / SYNSETS_FILE).is_file()), None)
+    _check_sizes(limit, batch_size)
+    folder = image_folder(data_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data directory not found: {root} (set --data or $FASTPRUNE_DATA)")
-    if synsets_file is None:
-        raise FileNotFoundError(f"{SYNSETS_FILE} not found in {root} or {folder.parent}")
-
-    config = timm.data.resolve_data_config(model=model)
-    dataset = LabelledImages(image_files(folder, limit, split), read_synsets(synsets_file),
-                             timm.data.create_transform(**config))
+        raise FileNotFoundError(f"data directory not found: {folder} (set --data or $FASTPRUNE_DATA)")
+    layout = detect_layout(folder) if layout == "auto" else layout
+    files = image_files(folder, limit, split, layout)
+    if synsets is not None and not pathlib.Path(synsets).is_file():
+        raise FileNotFoundError(f"synsets file not found: {synsets}")
+    synsets = synsets or find_synsets(data_dir, folder.parent)
+    labels = image_labels(files, folder, layout, None if synsets is None else read_synsets(synsets))
+    total = len(files)
+    if indices is not None:
+        indices = list(indices)
+        files, labels = [files[i] for i in indices], [labels[i] for i in indices]
+    dataset = LabelledImages(files, labels, _transform(model))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    batches, labels = [], []
+    batches, targets = [], []
     for images, target in tqdm(loader, desc="decoding images", unit="batch", disable=not progress,
                                file=sys.stderr):
         batches.append(images)
-        labels.append(target)
-    return Images(batches, torch.cat(labels), [f.name for f in dataset.files])
-
+        targets.append(target)
+    return Images(batches, torch.cat(targets) if targets else torch.zeros(0, dtype=torch.int64),
+                  [f.relative_to(folder).as_posix() for f in files], indices, total)
 
 
 def cpu_name() -> str:

@@ -13,7 +13,7 @@ from .data import Images
 from .fidelity import CONFIDENCE, bootstrap_indices, bootstrap_interval, kl_divergence, top1_agreement
 from .settings import Setting, apply_setting, parse_setting, revert_setting, setting_gflops
 
-__all__ = ["Result", "evaluate_setting", "evaluate_settings", "compare", "format_table", "format_interval",
+__all__ = ["Result", "make_result", "evaluate_setting", "evaluate_settings", "compare", "format_table", "format_interval",
            "COLUMNS"]
 
 
@@ -97,24 +97,24 @@ def evaluate_settings(model: torch.nn.Module, images: Images, settings: Sequence
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
     dtype = param.dtype if dtype is None else dtype
-    batches = [b.to(device=device, dtype=dtype) for b in images.batches]
     gflops = [setting_gflops(model, setting, images.batches[0][:1]) for setting in settings]
     for setting in settings:
         apply_setting(model, setting)
         try:
             with torch.inference_mode():
                 for _ in range(warmup):
-                    model(batches[0])
+                    model(images.batches[0].to(device=device, dtype=dtype))
                 _sync(device)
         finally:
             revert_setting(model, setting)
     elapsed = [0.0] * len(settings)
     logits: List[List[torch.Tensor]] = [[] for _ in settings]
     flipped: List[List[torch.Tensor]] = [[] for _ in settings]
-    bar = tqdm(total=len(batches) * len(settings), desc="evaluating", unit="batch", disable=not progress,
+    bar = tqdm(total=len(images.batches) * len(settings), desc="evaluating", unit="batch", disable=not progress,
                file=sys.stderr)
     with torch.inference_mode(), bar:
-        for batch in batches:
+        for batch in images.batches:
+            batch = batch.to(device=device, dtype=dtype)  # one batch at a time on the device
             for i, setting in enumerate(settings):
                 apply_setting(model, setting)
                 try:
@@ -129,19 +129,21 @@ def evaluate_settings(model: torch.nn.Module, images: Images, settings: Sequence
                     revert_setting(model, setting)
                 logits[i].append(out.float().cpu())
                 bar.update(1)
-    labels = images.labels
-    results = []
-    for setting, flops, seconds, chunks, flip_chunks in zip(settings, gflops, elapsed, logits, flipped):
-        out = torch.cat(chunks)
-        top5 = out.topk(5, dim=1).indices
-        predictions = top5[:, 0]
-        results.append(Result(setting=setting, gflops=flops,
-                              top1=100.0 * (predictions == labels).float().mean().item(),
-                              top5=100.0 * (top5 == labels[:, None]).any(dim=1).float().mean().item(),
-                              images_per_s=len(labels) / seconds, predictions=predictions,
-                              correct=predictions == labels, logits=out,
-                              flip_logits=torch.cat(flip_chunks) if flip else None))
-    return results
+    return [make_result(setting, flops, torch.cat(chunks), images.labels, seconds,
+                        torch.cat(flip_chunks) if flip else None)
+            for setting, flops, seconds, chunks, flip_chunks in zip(settings, gflops, elapsed, logits, flipped)]
+
+
+def make_result(setting: Setting, gflops: float, logits: torch.Tensor, labels: torch.Tensor, seconds: float,
+                flip_logits: Optional[torch.Tensor] = None) -> Result:
+    """The :class:`Result` of ``logits`` ``[n, classes]`` against ``labels`` ``[n]``, timed ``seconds``
+    over the forward passes of the ``n`` images."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    predictions = top5[:, 0]
+    return Result(setting=setting, gflops=gflops, top1=100.0 * (predictions == labels).float().mean().item(),
+                  top5=100.0 * (top5 == labels[:, None]).any(dim=1).float().mean().item(),
+                  images_per_s=len(labels) / seconds, predictions=predictions, correct=predictions == labels,
+                  logits=logits, flip_logits=flip_logits)
 
 
 def _views(res: Result) -> List[torch.Tensor]:
