@@ -262,8 +262,8 @@ def load_unlabelled_images(folder: Union[str, os.PathLike], model: torch.nn.Modu
 class Images:
     """Preprocessed images kept in memory: ``batches`` float32 ``[b, 3, H, W]`` (b <= batch size),
     ``labels`` int64 ``[n]`` and the ``names`` (paths below the image folder), in sorted order;
-    ``total`` the number of images of the whole split when these are one process's share of it
-    (:mod:`.distributed`), else ``len(names)``."""
+    ``total`` the length of the (split, limited) list and, when these are one process's share of it
+    (:mod:`.distributed`), ``indices`` their positions in it (None: the whole list)."""
 
     batches: List[torch.Tensor]
     labels: torch.Tensor

@@ -93,13 +93,14 @@ def plot_frontier(results: List[Result], path: Union[str, os.PathLike], title: s
     for ax, (label, x, lower) in zip(axes[0], panels):
         ax.errorbar(x, top1, yerr=errors, fmt="o", capsize=3, color="tab:blue", ecolor="tab:gray")
         front = pareto_front(x, top1, lower_is_better=lower)
-        ax.plot([x[i] for i in front], [top1[i] for i in front], "-", color="tab:orange", label="frontier")
+        ax.plot([x[i] for i in front], [top1[i] for i in front], "-o", color="tab:orange", markersize=10,
+                markerfacecolor="none", label="frontier")
         for xi, yi, res in zip(x, top1, results):
             ax.annotate(res.setting.text if res.setting.reduces else "none", (xi, yi), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         ax.axhline(base, color="tab:gray", linestyle=":", linewidth=1, label="unreduced")
         ax.set_xlabel(label)
-        ax.set_ylabel("top-1 %")
+        ax.set_ylabel("top-1 % (bars: paired 95% CI of Δ top-1)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     if title:
