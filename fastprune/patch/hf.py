@@ -93,7 +93,7 @@ def _hf():
         import transformers as hf_lib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("fastprune.patch.transformers needs the transformers package "
-                          "(pip install 'fastprune[hf]' or 'transformers>=5.24,<6')") from e
+                          "(pip install 'fastprune[hf]' or 'transformers>=5.24,<5.25')") from e
     return hf_lib
 
 
