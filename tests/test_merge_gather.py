@@ -101,3 +101,23 @@ def test_evit_kept_non_finite_token_does_not_reach_the_fused_token(device, dtype
     x[0, j, 0] = float("nan")
     got = evit_triton(x, scores, 9)
     _assert_non_finite_only_in_row_of(got, j)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nan_in_metric_and_scores_gives_the_references_index_map(seed):
+    """ToMe and BAT through the primitives follow the reference's NaN rules (NaN ranks first)."""
+    from fastprune.bat import bat_tokens
+    from fastprune.tome import tome_merge_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    x, m = torch.randn(2, 17, 8, generator=g), torch.randn(2, 17, 8, generator=g)
+    m[0, 3], m[1, 6, 2] = float("nan"), float("nan")
+    attn = torch.rand(2, 17, generator=g)
+    attn[0, 5] = float("nan")
+    dev = lambda t: t.to("cuda" if torch.cuda.is_available() else "cpu")  # noqa: E731
+    a = tome_merge_tokens(x, 4, metric=m, backend="reference")
+    b = tome_merge_tokens(dev(x), 4, metric=dev(m), backend="triton")
+    assert torch.equal(a.index, b.index.cpu())
+    a = bat_tokens(x, attn, 0.6, metric=m, backend="reference")
+    b = bat_tokens(dev(x), dev(attn), 0.6, metric=dev(m), backend="triton")
+    assert torch.equal(a.index, b.index.cpu())
