@@ -123,12 +123,18 @@ def check_positive_finite(values: torch.Tensor, name: str) -> None:
     if LIBRARY_SIZES.depth > 0:
         return
     ok = (values > 0) & torch.isfinite(values)
-    if values.is_cuda or torch.compiler.is_compiling():  # no host sync, no graph break
-        torch._assert_async(ok.all(), f"{name} must be finite and > 0 everywhere")
+    check_all(ok, f"{name} must be finite and > 0 everywhere",
+              lambda: f"got {int((~ok).sum())} value(s) that are not (e.g. {values[~ok].flatten()[0].item()})")
+
+
+def check_all(ok: torch.Tensor, message: str, details=None) -> None:
+    """``ValueError(message)`` unless every element of ``ok`` is True; on CUDA (and under
+    ``torch.compile``) ``torch._assert_async``, so no host synchronisation and no graph break.
+    ``details()`` (CPU only) adds what was found."""
+    if ok.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
     elif not bool(ok.all()):
-        bad = values[~ok]
-        raise ValueError(f"{name} must be finite and > 0 everywhere, got {bad.numel()} value(s) that are "
-                         f"not (e.g. {bad.flatten()[0].item()})")
+        raise ValueError(message + (f", {details()}" if details is not None else ""))
 
 
 def check_metric(metric: Optional[torch.Tensor], x: torch.Tensor, name: str = "metric") -> torch.Tensor:

@@ -115,10 +115,6 @@ def unmerge(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"index must have shape [B, N0] with B={tokens.shape[0]}, got {tuple(index.shape)}")
     _checks.check_same_device(tokens, index, "index")
     n = tokens.shape[1]
-    ok = ((index >= 0) & (index < n)).all()
-    if index.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(ok, f"index entries must be in [0, {n})")
-    elif not bool(ok):
-        raise ValueError(f"index entries must be in [0, {n}) (the tokens' N), got min {int(index.min())}, "
-                         f"max {int(index.max())}")
+    _checks.check_all((index >= 0) & (index < n), f"index entries must be in [0, {n}) (the tokens' N)",
+                      lambda: f"got min {int(index.min())}, max {int(index.max())}")
     return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[2]))
