@@ -75,64 +75,93 @@ def _tag(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _select_launch(B: int, N: int, K: int, p: int, name: str) -> Launch:
-    """kernels/select.py: one program per image holds the score row; a radix search for the K-th key."""
-    from fastprune.kernels.select import select_config
-
-    consts, warps = select_config(N)
-    bits = consts.get("RADIX_BITS", 1)
+def _select_work(N: int, consts: dict, block: str) -> tuple:
+    """``(integer ops, serial reductions, serial loads)`` of kernels/select.py's radix top-k on one row
+    of ``consts[block]`` keys (per image): ``32 / RADIX_BITS`` steps of a ``[2**bits, BLOCK]``
+    comparison, then the tie cumsum and the slot stores."""
+    bits, width = consts["RADIX_BITS"], consts[block]
     steps = math.ceil(32 / bits)
-    block_n = consts["BLOCK_N"]
-    return Launch(
-        name, f"select_topk[N={N},nan_first]",
-        min_bytes=B * (N * 4 + N * 8 + (p + K) * 8 + (N - p - K) * 8),
-        useful_flops=0.0, written_flops=B * steps * (block_n << bits) + B * 4 * block_n, tensor_cores=False,
-        programs=B, serial_steps_reduction=steps + 3, serial_steps_load=2, num_warps=warps)
+    return steps * (width << bits) + 4 * width, steps + 3, 2
 
 
-def _match_launch(B: int, S: int, M: int, CM: int, dtype: torch.dtype, elt: int, name: str, aot_name: str,
-                  N_read: int) -> Launch:
-    """kernels/match.py: tiles of sources against every candidate, tensor cores (fp32: TF32x3)."""
-    from fastprune.kernels.match import match_config
-
-    consts, warps = match_config(S, M, CM, dtype)
+def _match_work(S: int, M: int, CM: int, dtype: torch.dtype, consts: dict, ranges: bool) -> tuple:
+    """``(written flops, serial reductions, serial loads)`` per image of kernels/match.py's
+    :func:`cosine_argmax` over ``S`` sources in tiles of ``BLOCK_I`` (one after the other in the
+    image's program) against ``M`` candidates in tiles of ``BLOCK_J``: per candidate tile a running
+    max/argmax (2 reductions) and the candidate rows' load, after their positions' load for lists
+    (ranges: positions are arithmetic); per source tile its rows' load and the results' store."""
     bi, bj = consts["BLOCK_I"], consts["BLOCK_J"]
     tiles_i, tiles_j = math.ceil(S / bi), math.ceil(M / bj)
     passes = 3 if dtype == torch.float32 else 1  # TF32x3: three tensor-core products
-    written = B * tiles_i * tiles_j * bi * bj * CM * 2 * passes
+    written = tiles_i * tiles_j * bi * bj * CM * 2 * passes
+    return written, tiles_i * 2 * tiles_j, tiles_i * ((1 if ranges else 2) * tiles_j + 2)
+
+
+def mstm_select_match_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype, elt: int, p: int = 1) -> Launch:
+    """kernels/merge.py's fused launch, one program per image: the top-k of the score row, then the
+    cosine matching of the ``r`` sources against the ``K`` kept non-prefix tokens (lists, tensor cores)."""
+    from fastprune.kernels.merge import select_match_config
+
+    K = N - p - r
+    consts, warps = select_match_config(N, r, p, CM, dtype)
+    sel_ops, sel_red, sel_load = _select_work(N, consts, "BLOCK_N")
+    mflops, m_red, m_load = _match_work(r, K, CM, dtype, consts, ranges=False)
     return Launch(
-        name, aot_name,
-        min_bytes=B * (N_read * CM * elt + (S + M) * 8 + S * 20),
-        useful_flops=B * 2 * S * M * CM, written_flops=written, tensor_cores=True,
-        programs=B * tiles_i, serial_steps_reduction=2 * tiles_j, serial_steps_load=2 * tiles_j + 2,
-        num_warps=warps, tc_flops=written, tc_rate=0.5 if dtype == torch.float32 else 1.0)
+        "MSTM select + match (one program per image)", f"mstm_select_match[{_tag(dtype)},N={N},r={r},Cm={CM}]",
+        min_bytes=B * (N * 4 + (N - p) * CM * elt + (2 * N + r) * 8),
+        useful_flops=B * 2 * r * K * CM, written_flops=B * (mflops + sel_ops), tensor_cores=True,
+        programs=B, serial_steps_reduction=sel_red + m_red, serial_steps_load=sel_load + 1 + m_load,
+        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0)
+
+
+def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype, elt: int, p: int = 1) -> Launch:
+    """kernels/tome.py's fused launch, one program per image: the A-vs-B cosine matching (ranges,
+    tensor cores), then the top-r of the A tokens' best scores and the merge plan."""
+    from fastprune.kernels.tome import match_select_config
+
+    NA, NB = (N + 1) // 2, N // 2
+    NS, M = NA - (p + 1) // 2, NB - p // 2
+    consts, warps = match_select_config(N, p, CM, dtype)
+    sel_ops, sel_red, sel_load = _select_work(NA, consts, "BLOCK_NA")
+    mflops, m_red, m_load = _match_work(NS, M, CM, dtype, consts, ranges=True)
+    return Launch(
+        "ToMe match + select (one program per image)", f"tome_match_select[{_tag(dtype)},N={N},Cm={CM}]",
+        min_bytes=B * ((N - p) * CM * elt + (2 * N + r) * 8),
+        useful_flops=B * 2 * NS * M * CM, written_flops=B * (mflops + sel_ops), tensor_cores=True,
+        programs=B, serial_steps_reduction=m_red + sel_red, serial_steps_load=m_load + sel_load,
+        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0)
 
 
 def _merge_launches(B: int, N: int, C: int, S: int, n_sources: int, elt: int, has_scores: bool, has_size: bool,
-                    prefix: str, fwd_aot: str, bwd_aot: str) -> list:
-    """kernels/weighted_merge.py forward (gather) and backward, for an index map sending ``n_sources``
-    of the N tokens into other tokens' rows."""
+                    prefix: str, fwd_aot: str, bwd_aot: str, plan: bool = True) -> list:
+    """kernels/weighted_merge.py forward (gather) and backward, for ``n_sources`` of the N tokens merged
+    into other tokens' rows; ``plan``: the gather reads the selection's compact lists (MSTM, ToMe),
+    else it scans the index map (BAT)."""
     from fastprune.kernels.weighted_merge import backward_config, merge_config
 
-    consts, warps = merge_config(N, C, has_size, has_scores)
+    consts, warps = merge_config(N, C, has_size, has_scores, n_sources if plan else None)
     rows, block_n, split, block_c = consts["ROWS"], consts["BLOCK_N"], consts["C_SPLIT"], consts["BLOCK_C"]
     tiles = math.ceil(S / rows)
     splits = math.ceil(C / split)
     chunks = math.ceil(min(split, C) / block_c)
     # rounds of a tile: 1 + the sources of its busiest row; a tile holds rows * n_sources / S sources on
-    # average, rarely more than one per row
+    # average, rarely more than one per row. The first two tokens of every row are found and loaded
+    # together: only rounds beyond two are sequential.
     rounds = 1 + min(1.0, rows * n_sources / S)
+    later = max(0.0, rounds - 2)
     weight_bytes = N * ((4 if has_scores else 0) + (4 if has_size else 0))
+    index_bytes = (2 * N + n_sources) * 8 if plan else N * 8
     fwd = Launch(
-        f"{prefix} weighted merge (gather)", fwd_aot,
-        min_bytes=B * ((N + S) * C * elt + N * 8 + weight_bytes + S * 8),
+        f"{prefix} weighted merge (gather{' from lists' if plan else ''})", fwd_aot,
+        min_bytes=B * ((N + S) * C * elt + index_bytes + weight_bytes + S * 8),
         useful_flops=B * 2 * N * C,
-        written_flops=B * tiles * splits * (2 * rounds * rows * split  # FMAs, all rows of every round
-                                            + rows * block_n * (1 + rounds + (rounds - 1) * chunks)),  # scan
+        written_flops=B * tiles * splits * (2 * max(2.0, rounds) * rows * split  # FMAs, all rows, 2+ tokens
+                                            + rows * block_n * (3 + later * (1 + chunks))),  # comparisons
         tensor_cores=False, programs=B * tiles * splits,
-        # the index row, then the weights at the first token; each chunk waits for its token loads
-        serial_steps_reduction=1 + rounds + (rounds - 1) * chunks,
-        serial_steps_load=2 + rounds * chunks, num_warps=warps)
+        # the index row scan (map) or nothing (lists), the first two tokens, later rounds; then the
+        # lists (or index row), the first two tokens' weights, and per chunk their rows (and later ones)
+        serial_steps_reduction=(0 if plan else 1) + 2 + later * (1 + chunks),
+        serial_steps_load=2 + chunks * (1 + later), num_warps=warps)
     consts, warps = backward_config(has_size, has_scores, True, has_scores, has_size)
     need_gw = has_scores or has_size
     bwd = Launch(
@@ -148,12 +177,9 @@ def _merge_launches(B: int, N: int, C: int, S: int, n_sources: int, elt: int, ha
 
 def mstm_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype = torch.bfloat16,
                   p: int = 1) -> list:
-    """The MSTM merge as kernels/merge.py composes it: select, match (metric = x), gather merge, backward."""
-    K = N - p - r
+    """The MSTM merge as kernels/merge.py composes it: select + match (metric = x), gather merge, backward."""
     tag = _tag(dtype)
-    return [_select_launch(B, N, K, p, "MSTM select (top-k)"),
-            _match_launch(B, r, K, C, dtype, elt, "MSTM match (sources vs kept)",
-                          f"cosine_match[{tag},S=13,M=183,Cm=768,lists,map]", r + K),
+    return [mstm_select_match_launch(B, N, C, r, dtype, elt, p),
             *_merge_launches(B, N, C, N - r, r, elt, True, True, "MSTM", *_MSTM_MERGE_AOT[tag])]
 
 
@@ -168,25 +194,12 @@ _MSTM_MERGE_AOT = {
 
 def tome_launches(B: int, N: int, C: int, r: int, elt: int, dtype: torch.dtype = torch.bfloat16,
                   p: int = 1, CM: int = 64) -> list:
-    """ToMe as kernels/tome.py composes it (metric = head-mean keys, ``CM`` channels): match, select,
+    """ToMe as kernels/tome.py composes it (metric = head-mean keys, ``CM`` channels): match + select,
     gather merge, backward."""
-    from fastprune.kernels.tome import _select_config
-
-    NA, NB = (N + 1) // 2, N // 2
-    NS, M = NA - (p + 1) // 2, NB - p // 2
     tag = _tag(dtype)
-    match = _match_launch(B, NS, M, CM, dtype, elt, "ToMe match (A vs B)",
-                          f"cosine_match[{tag},S=98,M=98,Cm=64,ranges]", NS + M)
-    consts, warps = _select_config(NA)
-    bits, block_na = consts["RADIX_BITS"], consts["BLOCK_NA"]
-    steps = math.ceil(32 / bits)  # kernels/select.py's radix search, on the A tokens' best scores
-    select = Launch(
-        "ToMe select (top-r)", "tome_select[N=197]",
-        min_bytes=B * (NS * 12 + N * 8),
-        useful_flops=0.0, written_flops=B * (steps * (block_na << bits) + 4 * block_na), tensor_cores=False,
-        programs=B, serial_steps_reduction=steps + 3, serial_steps_load=2, num_warps=warps)
-    return [match, select, *_merge_launches(B, N, C, N - r, r, elt, False, True, "ToMe",
-                                            f"tome_merge[{tag},size]", f"tome_merge_backward[{tag},size]")]
+    return [tome_match_select_launch(B, N, CM, r, dtype, elt, p),
+            *_merge_launches(B, N, C, N - r, r, elt, False, True, "ToMe",
+                             f"tome_merge[{tag},size]", f"tome_merge_backward[{tag},size]")]
 
 
 def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> dict:

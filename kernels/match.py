@@ -32,7 +32,7 @@ from fastprune.reference import COSINE_EPS
 from . import check_triton_device, interpreting
 from .aot import KernelSpec, register
 
-__all__ = ["Match", "cosine_match_triton", "near_tie_eps", "match_config"]
+__all__ = ["Match", "cosine_match_triton", "near_tie_eps", "match_config", "compiled_match_config"]
 
 Positions = Union[torch.Tensor, range]
 
@@ -193,6 +193,13 @@ def match_config(S: int, M: int, CM: int, dtype: torch.dtype) -> tuple[dict, int
     return consts, 4
 
 
+def compiled_match_config(S: int, M: int, CM: int, dtype: torch.dtype) -> tuple[dict, int]:
+    """:func:`match_config` as a compiled (not interpreted) launch has it: no widening of bf16."""
+    consts, warps = match_config(S, M, CM, dtype)
+    consts.update(UPCAST=False, PRECISION="tf32x3" if dtype == torch.float32 else "tf32")
+    return consts, warps
+
+
 class Match(NamedTuple):
     """Result of :func:`cosine_match_triton`: ``best [B, S]`` float32, ``partner [B, S]`` int64."""
 
@@ -266,9 +273,8 @@ def match_spec(name: str, S: int, M: int, CM: int, dtype: torch.dtype, src_list:
                write_map: bool) -> KernelSpec:
     """The spec of one launch configuration of :func:`_cosine_match_kernel` (compiled kernels: no
     interpreter widening)."""
-    consts, warps = match_config(S, M, CM, dtype)
-    consts.update(UPCAST=False, PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
-                  SRC_LIST=src_list, CAND_LIST=cand_list, WRITE_MAP=write_map)
+    consts, warps = compiled_match_config(S, M, CM, dtype)
+    consts.update(SRC_LIST=src_list, CAND_LIST=cand_list, WRITE_MAP=write_map)
     sig = dict(metric_ptr=_PTR[dtype], metric_stride_b="i32", metric_stride_n="i32",
                src_ptr="*i64", stride_sb="i32", stride_sn="i32", src_start="i32", src_step="i32", S="i32",
                cand_ptr="*i64", stride_cb="i32", stride_cn="i32", cand_start="i32", cand_step="i32", M="i32",

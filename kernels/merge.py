@@ -13,15 +13,16 @@ this file reproduces exactly (same selection, same matching, same index map, sam
    by its destination's total *before* summing, so a kept token that absorbs nothing comes out
    bit-identical.
 
-Forward = three kernel launches, composed of the shared primitives, no host synchronisation, no sort:
+Forward = two kernel launches, composed of the shared primitives, no host synchronisation, no sort:
 
-* the top-k selection, ``kernels/select.py`` (grid ``(B,)``, once per image): the kept tokens'
-  output slots ``[B, N]``, their positions and the ``r`` sources' positions;
-* the cosine matching, ``kernels/match.py`` (grid ``(B, cdiv(r, BLOCK_I))``, over the sources only,
-  tensor cores): each source's most similar kept non-prefix token, whose slot it writes into the
-  index map;
-* the weighted merge by that index map, ``kernels/weighted_merge.py`` (the one merge of every
-  method): a gather, each output row reads the tokens sent to it; plus merged sizes and weight totals.
+* :func:`_mstm_select_match_kernel` (grid ``(B,)``, one program per image): the top-k selection
+  (``kernels/select.py``'s device functions, once per image) writes the image's *merge plan*: the
+  kept tokens' output slots (the index map), their positions and the ``r`` sources' positions; then
+  the cosine matching of the sources against the kept non-prefix tokens (``kernels/match.py``'s
+  device function, tensor cores) writes each source's winner slot into the map and the plan;
+* the weighted merge, ``kernels/weighted_merge.py`` (the one merge of every method): a gather from
+  the plan's compact lists, each output row reads its own token and the sources sent to it (no
+  scan of the index map); plus merged sizes and weight totals.
 
 Backward = one launch, ``kernels/weighted_merge.py``'s backward: gradients w.r.t. ``x``, and w.r.t.
 the merge weights, mapped in-kernel onto ``scores`` (``weight="size_attn"``) and ``size``. Selection
@@ -36,7 +37,8 @@ and converted back on store. Deterministic, no atomics.
 
 The launches are PyTorch operators (``torch.library.triton_op``, launches through ``wrap_triton``), each
 with a fake kernel, and autograd registered on the weighted merge:
-``torch.ops.fastprune.mstm_select_match_triton``, ``mstm_weighted_merge_triton`` and
+``torch.ops.fastprune.mstm_select_match_triton`` (returns the plan ``[B, 2 N + r]``, whose first
+``N`` columns are the index map), ``mstm_weighted_merge_triton`` and
 ``mstm_weighted_merge_triton_backward``. ``torch.compile(fullgraph=True)`` traces through them without a
 graph break and Inductor sees the Triton kernels; CUDA graphs capture them (no host synchronisation);
 ``torch.export`` keeps each operator as one node. Under the Triton interpreter they are plain
@@ -48,54 +50,89 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from fastprune.reference import Merged
 
 from . import check_triton_device
-from .aot import register
-from .match import _cosine_match_kernel, match_config, match_spec
-from .select import _select_topk_kernel, select_config
-from .weighted_merge import (KERNELS_TRACEABLE, backward_spec, merge_spec, weighted_merge, weighted_merge_backward,
+from .aot import KernelSpec, register
+from .match import compiled_match_config, cosine_argmax, match_config
+from .select import select_config, topk_row, write_selection
+from .weighted_merge import (KERNELS_TRACEABLE, PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward,
                              wrap_triton)
 
 __all__ = ["mstm_merge_triton"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers
+# Launch 1: top-k selection and cosine matching, one program per image
 # ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _mstm_select_match_kernel(
+        scores_ptr, stride_sb, stride_sn,
+        metric_ptr, metric_stride_b, metric_stride_n,
+        plan_ptr, N, P, K, CM,
+        RADIX_BITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
+        SINGLE_CHUNK: tl.constexpr):
+    """Selection and matching of one image (grid ``(B,)``): its merge plan ``plan[b]``
+    (``[B, 2 N + R]`` int64, ``R = N - P - K`` sources, ``S = P + K`` outputs).
+
+    1. top-``K`` of the score row (``kernels/select.py``'s :func:`~fastprune.kernels.select.topk_row`,
+       once per image) and :func:`~fastprune.kernels.select.write_selection`: the index map
+       ``plan[b, :N]`` (kept tokens' slots), the kept positions ``plan[b, N:N + S]`` (each output
+       row's own token) and the sources ``plan[b, N + S:N + S + R]`` (ascending);
+    2. a barrier (the lists are re-read by other threads of the program), then the cosine matching of
+       the sources, ``BLOCK_I`` at a time, against the ``K`` kept non-prefix tokens
+       (``kernels/match.py``'s :func:`~fastprune.kernels.match.cosine_argmax`, tensor cores): each
+       source's winner slot ``p + j`` goes into the index map and ``plan[b, N + S + R:]``.
+
+    Memory traffic: ``4 N`` bytes of scores, the metric of the ``N - P`` non-prefix tokens once
+    (L2 re-reads of the candidates by later source tiles), ``8 (2 N + R)`` bytes written.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    R = N - P - K
+    S = P + K
+    plan = plan_ptr + pid_b * (2 * N + R)
+    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, False, RADIX_BITS, BLOCK_N)
+    write_selection(keep, plan, plan + N, plan + N + S, N, -1, True, True, BLOCK_N)
+    tl.debug_barrier()
+    metric_row = metric_ptr + pid_b * metric_stride_b
+    for i0 in range(0, R, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        valid_i = offs_i < R
+        pos_i = tl.load(plan + N + S + offs_i, mask=valid_i, other=0)
+        _best, arg = cosine_argmax(metric_row, metric_stride_n, pos_i, valid_i, plan + N + P, 1, 0, 1, K, CM,
+                                   True, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+        dst = (arg + P).to(tl.int64)
+        tl.store(plan + pos_i, dst, mask=valid_i)
+        tl.store(plan + N + S + R + offs_i, dst, mask=valid_i)
+
+
+def select_match_config(N: int, r: int, p: int, CM: int, dtype: torch.dtype, compiled: bool = False
+                        ) -> tuple[dict, int]:
+    """Constants and num_warps of :func:`_mstm_select_match_kernel`: the selection's row
+    (``kernels/select.py``'s :func:`~fastprune.kernels.select.select_config`) and the matching's tiles
+    (``kernels/match.py``'s), the larger warp count of the two."""
+    sel, sel_warps = select_config(N)
+    match, match_warps = (compiled_match_config if compiled else match_config)(r, N - p - r, CM, dtype)
+    return dict(sel, **match), max(sel_warps, match_warps)
+
+
 def _select_match(scores: torch.Tensor, metric: torch.Tensor, r: int, p: int, *,
                   traceable: bool = False) -> torch.Tensor:
-    """Selection + matching: ``[B, N]`` int64 index map from fp32 scores ``[B, N]`` and metric ``[B, N, Cm]``.
-
-    Two launches: ``kernels/select.py``'s top-k (slots of the kept tokens, the sources' positions),
-    then ``kernels/match.py``'s cosine matching of the ``r`` sources against the kept non-prefix
-    tokens, which writes each source's winner slot into the map. ``traceable=True`` launches
-    through :func:`wrap_triton` (inside the operators).
-    """
+    """Selection + matching, one launch: the merge plan ``[B, 2 N + r]`` int64 (index map, kept
+    positions, sources, their slots: see :func:`_mstm_select_match_kernel`) from fp32 scores
+    ``[B, N]`` and the metric ``[B, N, Cm]``. ``traceable=True`` launches through :func:`wrap_triton`
+    (inside the operators)."""
     B, N, CM = metric.shape
-    K = N - p - r
     metric = metric if metric.stride(-1) == 1 else metric.contiguous()
-    index = torch.empty(B, N, dtype=torch.int64, device=metric.device)
-    kept = torch.empty(B, p + K, dtype=torch.int64, device=metric.device)
-    sources = torch.empty(B, r, dtype=torch.int64, device=metric.device)
-    consts, num_warps = select_config(N)
-    select = wrap_triton(_select_topk_kernel) if traceable else _select_topk_kernel
-    select[(B,)](scores, scores.stride(0), scores.stride(1), index, kept, sources, N, p, K, -1,
-                 NAN_LAST=False, WRITE_KEPT=True, WRITE_REST=True, **consts, num_warps=num_warps)
-
-    candidates = kept[:, p:]  # the kept non-prefix tokens: slot p + j for candidate j
-    best = torch.empty(B, r, dtype=torch.float32, device=metric.device)
-    partner = torch.empty(B, r, dtype=torch.int64, device=metric.device)
-    consts, num_warps = match_config(r, K, CM, metric.dtype)
-    match = wrap_triton(_cosine_match_kernel) if traceable else _cosine_match_kernel
-    match[(B, triton.cdiv(r, consts["BLOCK_I"]))](
-        metric, metric.stride(0), metric.stride(1),
-        sources, sources.stride(0), sources.stride(1), 0, 1, r,
-        candidates, candidates.stride(0), candidates.stride(1), 0, 1, K,
-        best, partner, index, index.stride(0), p, CM,
-        SRC_LIST=True, CAND_LIST=True, WRITE_MAP=True, **consts, num_warps=num_warps)
-    return index
+    plan = torch.empty(B, 2 * N + r, dtype=torch.int64, device=metric.device)
+    consts, num_warps = select_match_config(N, r, p, CM, metric.dtype)
+    kernel = wrap_triton(_mstm_select_match_kernel) if traceable else _mstm_select_match_kernel
+    kernel[(B,)](scores, scores.stride(0), scores.stride(1), metric, metric.stride(0), metric.stride(1),
+                 plan, N, p, N - p - r, CM, **consts, num_warps=num_warps)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,10 +149,11 @@ _define_op = torch.library.triton_op if KERNELS_TRACEABLE else torch.library.cus
 
 @_define_op("fastprune::mstm_select_match_triton", mutates_args=())
 def _select_match_op(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.Tensor:
-    """``torch.ops.fastprune.mstm_select_match_triton``: top-k selection + cosine matching (launches 1, 2).
+    """``torch.ops.fastprune.mstm_select_match_triton``: top-k selection + cosine matching (launch 1).
 
-    ``scores [B, N]`` float32, ``metric [B, N, Cm]`` -> ``index [B, N]`` int64 (see
-    :func:`mstm_merge_triton`). Not differentiable (discrete).
+    ``scores [B, N]`` float32, ``metric [B, N, Cm]`` -> the merge plan ``[B, 2 N + r]`` int64: the
+    index map (``plan[:, :N]``, see :func:`mstm_merge_triton`) followed by the compact lists the
+    weighted merge gathers from. Not differentiable (discrete).
     """
     return _select_match(scores, metric, r, num_prefix_tokens, traceable=True)
 
@@ -126,18 +164,19 @@ def _(scores, metric, r, num_prefix_tokens):
     torch._check(0 <= num_prefix_tokens)
     torch._check(1 <= r)
     torch._check(r <= N - num_prefix_tokens - 1)
-    return metric.new_empty(B, N, dtype=torch.int64)
+    return metric.new_empty(B, 2 * N + r, dtype=torch.int64)
 
 
 @_define_op("fastprune::mstm_weighted_merge_triton", mutates_args=())
 def _weighted_merge_op(x: torch.Tensor, scores: torch.Tensor, size: Optional[torch.Tensor], index: torch.Tensor,
                        r: int, size_attn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.ops.fastprune.mstm_weighted_merge_triton``: the weighted merge (launch 3).
+    """``torch.ops.fastprune.mstm_weighted_merge_triton``: the weighted merge (launch 2).
 
-    ``(x [B, N, C], scores [B, N] fp32, size [B, N] fp32 or None, index [B, N] int64, r, size_attn)``
+    ``(x [B, N, C], scores [B, N] fp32, size [B, N] fp32 or None, index, r, size_attn)``
     -> ``(x' [B, N - r, C] in x's dtype, size' [B, N - r] fp32, W [B, N - r] fp32)``, ``W`` the merge
-    weight totals (saved for the backward). ``index[b, i]`` in ``[0, N - r)`` is the output token input
-    token ``i`` goes to. Differentiable with respect to ``x``, ``scores`` (``size_attn``) and ``size``.
+    weight totals (saved for the backward). ``index``: the selection's plan ``[B, 2 N + r]`` (the
+    gather reads its compact lists) or an index map ``[B, N]`` int64 (``index[b, i]`` in ``[0, N - r)``
+    is the output token input token ``i`` goes to; the gather scans it). Differentiable with respect to ``x``, ``scores`` (``size_attn``) and ``size``.
     """
     return weighted_merge(x, scores, size, index.contiguous(), x.shape[1] - r, size_attn, traceable=True)
 
@@ -251,29 +290,43 @@ def mstm_merge_triton(x: torch.Tensor, scores: torch.Tensor, r: int, size: Optio
     scores = scores.float()
     size = None if size is None else size.float()
     r, p = int(r), int(num_prefix_tokens)
-    index = torch.ops.fastprune.mstm_select_match_triton(scores.detach(), metric.detach(), r, p)
-    out, size_out, _ = torch.ops.fastprune.mstm_weighted_merge_triton(x, scores, size, index, r,
+    plan = torch.ops.fastprune.mstm_select_match_triton(scores.detach(), metric.detach(), r, p)
+    out, size_out, _ = torch.ops.fastprune.mstm_weighted_merge_triton(x, scores, size, plan, r,
                                                                        weight == "size_attn")
-    return Merged(out, size_out, index)
+    return Merged(out, size_out, plan[:, : x.shape[1]])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/aot.py): typical ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
-def _aot_specs() -> list:
-    """MSTM's instantiations of the primitives, every storage dtype, in a few compiles (they are slow).
+def select_match_spec(name: str, N: int, r: int, CM: int, dtype: torch.dtype, p: int = 1) -> KernelSpec:
+    """The spec of :func:`_mstm_select_match_kernel` as :func:`_select_match` launches it."""
+    consts, warps = select_match_config(N, r, p, CM, dtype, compiled=True)
+    return KernelSpec(
+        name, _mstm_select_match_kernel,
+        dict(scores_ptr="*fp32", stride_sb="i32", stride_sn="i32", metric_ptr=PTR[dtype], metric_stride_b="i32",
+             metric_stride_n="i32", plan_ptr="*i64", N="i32", P="i32", K="i32", CM="i32"),
+        consts, warps, divisible=("CM", "metric_stride_b", "metric_stride_n"))
 
-    The selection (N = 197) and the matching of 13 sources against 183 kept tokens with metric = x
-    (768 channels) are ``kernels/select.py``'s and ``kernels/match.py``'s own specs; here the
-    matching on head-mean keys (64 channels, one chunk); the merge with and without sizes, both
-    weightings; the backward with all gradients (``size_attn``) and the ``x``+``size`` gradients of
-    ``weight="size"``. C is a runtime argument.
+
+def _aot_specs() -> list:
+    """MSTM's kernels, every storage dtype, in a few compiles (they are slow).
+
+    The fused selection + matching at N = 197 (13 sources against 183 kept tokens) with metric = x
+    (768 channels, in chunks) and on head-mean keys (64 channels, one chunk), and at N = 577; the
+    merge (from the plan's lists) with and without sizes, both weightings; the backward with all
+    gradients (``size_attn``) and the ``x``+``size`` gradients of ``weight="size"``. C is a runtime
+    argument.
     """
     def name(kind, dtype, extra):
         return f"{kind}[{str(dtype).replace('torch.', '')},{extra}]"
 
-    specs = [match_spec(name("mstm_match", torch.bfloat16, "S=13,M=183,Cm=64,lists,map"), 13, 183, 64,
-                        torch.bfloat16, True, True, True)]
+    specs = [select_match_spec(name("mstm_select_match", dtype, "N=197,r=13,Cm=768"), 197, 13, 768, dtype)
+             for dtype in PTR]
+    specs.append(select_match_spec(name("mstm_select_match", torch.bfloat16, "N=197,r=13,Cm=64"), 197, 13, 64,
+                                   torch.bfloat16))
+    specs.append(select_match_spec(name("mstm_select_match", torch.float16, "N=577,r=40,Cm=1024"), 577, 40, 1024,
+                                   torch.float16))
     for dtype, has_size, size_attn in ((torch.float32, True, False), (torch.float16, True, True),
                                        (torch.bfloat16, False, False), (torch.bfloat16, True, True)):
         variant = ("size_attn" if size_attn else "size") + ("" if has_size else ",ones")

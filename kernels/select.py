@@ -13,8 +13,9 @@ order (:func:`topk_mask`). The selection runs once per image: one program holds 
 score row in registers.
 
 Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
-:func:`kth_largest`, :func:`topk_mask` (a register vector of keys) and :func:`topk_row` (a score row in
-memory). Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
+:func:`kth_largest`, :func:`topk_mask` (a register vector of keys), :func:`topk_row` (a score row in
+memory) and :func:`write_selection` (slots, kept and dropped positions); MSTM's fused select+match
+kernel (``kernels/merge.py``) is built from them. Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
 """
 from __future__ import annotations
 
@@ -103,6 +104,24 @@ def topk_row(score_row, stride_sn, N, P, K, NAN_LAST: tl.constexpr, RADIX_BITS: 
 # Launch
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def write_selection(keep, slot_row, kept_row, rest_row, N, DROP_SLOT,
+                    WRITE_KEPT: tl.constexpr, WRITE_REST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores one image's selection from its keep mask over ``tl.arange(0, BLOCK_N)``: ``slot_row[n]``
+    (int64), the output slot of a kept token (in token order), ``DROP_SLOT`` for the others; with
+    ``WRITE_KEPT``, ``kept_row[s]``: the position of slot ``s``; with ``WRITE_REST``, ``rest_row[t]``:
+    the dropped positions, ascending. Returns the kept tokens' slots (int32)."""
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(slot_row + offs, tl.where(keep, slot, DROP_SLOT).to(tl.int64), mask=valid)
+    if WRITE_KEPT:
+        tl.store(kept_row + slot, offs.to(tl.int64), mask=keep)
+    if WRITE_REST:
+        tl.store(rest_row + offs - slot - 1, offs.to(tl.int64), mask=valid & (keep == 0))
+    return slot
+
+
+@triton.jit
 def _select_topk_kernel(
         scores_ptr, stride_sb, stride_sn,
         slot_ptr, kept_ptr, rest_ptr,
@@ -114,19 +133,13 @@ def _select_topk_kernel(
     Writes ``slot[b, n]`` (``[B, N]`` int64): the output slot of a kept token (prefix included, in
     token order), ``DROP_SLOT`` for the others; with ``WRITE_KEPT``, ``kept[b, s]`` (``[B, P + K]``):
     the position of slot ``s``; with ``WRITE_REST``, ``rest[b, t]`` (``[B, N - P - K]``): the dropped
-    positions, ascending. Memory traffic: ``4 N`` bytes read, ``8 N`` (+ ``8 N``) written.
+    positions, ascending (:func:`write_selection`). Memory traffic: ``4 N`` bytes read, ``8 N``
+    (+ ``8 N``) written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, RADIX_BITS, BLOCK_N)
-    offs = tl.arange(0, BLOCK_N)
-    valid = offs < N
-    slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(slot_ptr + pid_b * N + offs, tl.where(keep, slot, DROP_SLOT).to(tl.int64), mask=valid)
-    if WRITE_KEPT:
-        tl.store(kept_ptr + pid_b * (P + K) + slot, offs.to(tl.int64), mask=keep)
-    if WRITE_REST:
-        rest = valid & (keep == 0)
-        tl.store(rest_ptr + pid_b * (N - P - K) + offs - slot - 1, offs.to(tl.int64), mask=rest)
+    write_selection(keep, slot_ptr + pid_b * N, kept_ptr + pid_b * (P + K), rest_ptr + pid_b * (N - P - K), N,
+                    DROP_SLOT, WRITE_KEPT, WRITE_REST, BLOCK_N)
 
 
 def radix_bits(block_n: int, num_warps: int) -> int:

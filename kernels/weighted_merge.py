@@ -89,11 +89,16 @@ def _merge_weights(scores_row_ptr, stride_sn, size_row_ptr, stride_zn, offs, val
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
+#: Sentinel position of "no token" in the gather's candidate tiles (above every token position).
+END = tl.constexpr(2 ** 30)
+
+
 @triton.jit
-def _next_token(cand, prev, BLOCK_N: tl.constexpr):
-    """Per row of ``cand [ROWS, BLOCK_N]`` (a token position, or BLOCK_N): the smallest position above
-    ``prev [ROWS]`` (BLOCK_N if none)."""
-    return tl.min(tl.where(cand > prev[:, None], cand, BLOCK_N), axis=1)
+def _next_token(cand, own, prev):
+    """Per row of ``cand [ROWS, W]`` (token positions, ``END`` where none) and ``own [ROWS]`` (the row's
+    own token, ``END`` if none): the smallest of those positions above ``prev [ROWS]`` (``END`` if none)."""
+    nxt = tl.min(tl.where(cand > prev[:, None], cand, END), axis=1)
+    return tl.minimum(nxt, tl.where(own > prev, own, END))
 
 
 @triton.jit
@@ -101,27 +106,32 @@ def _weighted_merge_kernel(
         x_ptr, stride_xb, stride_xn, stride_xc,
         scores_ptr, stride_sb, stride_sn,
         size_ptr, stride_zb, stride_zn,
-        index_ptr, out_ptr, size_out_ptr, wsum_ptr,
-        N, C, S,
-        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr,
+        index_ptr, index_stride, out_ptr, size_out_ptr, wsum_ptr,
+        N, C, S, R,
+        HAS_SIZE: tl.constexpr, SIZE_ATTN: tl.constexpr, W_EPS: tl.constexpr, LISTS: tl.constexpr,
         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, C_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
     """Weighted merge of output rows ``s0 .. s0 + ROWS`` x channels ``c0 .. c0 + C_SPLIT`` of one image.
 
-    One program (image ``b``):
+    ``index_ptr`` (row stride ``index_stride``): the image's index map ``[N]``, or with ``LISTS`` a merge
+    plan ``[N + S + 2 R]``: the index map, the own token of every output row ``[S]``, the ``R`` merged
+    tokens' positions (ascending) and their output rows (see :func:`weighted_merge`). One program:
 
-    1. loads the image's index row (``BLOCK_N >= N`` entries, int32 in registers) and compares it
-       with its rows: ``cand [ROWS, BLOCK_N]``, the position of each token sent to a row;
+    1. finds the tokens of its rows: with ``LISTS`` its rows' own tokens (``ROWS`` loads) and the
+       ``R`` merged tokens sent to them (a ``[ROWS, BLOCK_N >= R]`` comparison); else the index row
+       (``BLOCK_N >= N`` entries) compared with its rows, ``[ROWS, BLOCK_N]``;
     2. walks the tokens of its rows in increasing position, all rows at once: round ``m`` takes the
-       ``m``-th token of each row (the smallest hit position above the previous one) and reads its
+       ``m``-th token of each row (the smallest position above the previous one) and reads its
        weight and size, giving ``W_s`` and ``size'_s``. Rounds: the most tokens any row of the tile
-       receives (1 for a tile whose rows only keep their own token);
-    3. for each ``BLOCK_C`` chunk of its channels, walks the same tokens again (the first one is
-       kept from step 2) and adds ``(w_i / W_s) x_i``: a ``[ROWS, BLOCK_C]`` gather of the token rows
-       (contiguous along C); a row with fewer tokens than the round loads nothing.
+       receives; the first two are found together (a row keeping its own token and absorbing one
+       source, the common case, costs no sequential round);
+    3. for each ``BLOCK_C`` chunk of its channels, loads the first two tokens' rows at once and walks
+       any later tokens again, adding ``(w_i / W_s) x_i`` in the same order: ``[ROWS, BLOCK_C]``
+       gathers of the token rows (contiguous along C); a row with fewer tokens loads nothing.
 
     Memory traffic: every input row once (``N C`` elements over the image's programs), every output
-    element written once (``S C``), plus the ``N`` indices per program (L2). Stores ``x'`` in the
-    output dtype, ``size'`` and ``W`` (float32, ``W`` for the backward pass; by ``pid_c == 0``).
+    element written once (``S C``), plus the lists (``ROWS + 2 R``) or the ``N`` indices per program
+    (L2). Stores ``x'`` in the output dtype, ``size'`` and ``W`` (float32, ``W`` for the backward
+    pass; by ``pid_c == 0``).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
@@ -129,22 +139,36 @@ def _weighted_merge_kernel(
     score_row = scores_ptr + pid_b * stride_sb
     size_row = size_ptr + pid_b * stride_zb
     x_img = x_ptr + pid_b * stride_xb
-    offs_n = tl.arange(0, BLOCK_N)
-    dest = tl.load(index_ptr + pid_b * N + offs_n, mask=offs_n < N, other=-1).to(tl.int32)
+    index_row = index_ptr + pid_b * index_stride
     rows = pid_s * ROWS + tl.arange(0, ROWS)
     valid_r = rows < S
-    # the positions of the tokens sent to each row (rows >= S receive nothing), BLOCK_N elsewhere
-    cand = tl.where(dest[None, :] == rows[:, None], offs_n[None, :], BLOCK_N)
-    rounds = tl.max(tl.sum((cand < BLOCK_N).to(tl.int32), axis=1), axis=0)
+    offs_n = tl.arange(0, BLOCK_N)
+    # the positions of the tokens sent to each row (rows >= S receive nothing), END elsewhere
+    if LISTS:
+        own = tl.load(index_row + N + rows, mask=valid_r, other=END).to(tl.int32)
+        pos = tl.load(index_row + N + S + offs_n, mask=offs_n < R, other=END).to(tl.int32)
+        dest = tl.load(index_row + N + S + R + offs_n, mask=offs_n < R, other=-1).to(tl.int32)
+    else:
+        own = tl.full([ROWS], END, tl.int32)
+        pos = offs_n
+        dest = tl.load(index_row + offs_n, mask=offs_n < N, other=-1).to(tl.int32)
+    cand = tl.where(dest[None, :] == rows[:, None], pos[None, :], END)
+    rounds = tl.max(tl.sum((cand < END).to(tl.int32), axis=1) + (own < END).to(tl.int32), axis=0)
 
-    # 2. weight totals and sizes, summed in increasing position.
-    first = _next_token(cand, tl.full([ROWS], -1, tl.int32), BLOCK_N)
+    # 2. weight totals and sizes, summed in increasing position; the first two tokens of every row
+    # are found (and their rows loaded, step 3) together, later ones one round at a time.
+    first = _next_token(cand, own, tl.full([ROWS], -1, tl.int32))
+    second = _next_token(cand, own, first)
+    has_second = second < N
     w_first, ssum = _merge_weights(score_row, stride_sn, size_row, stride_zn, first, first < N,
                                    HAS_SIZE, SIZE_ATTN, W_EPS)
-    wsum = w_first
-    prev = first
-    for _m in range(1, rounds):
-        cur = _next_token(cand, prev, BLOCK_N)
+    w_second, s_second = _merge_weights(score_row, stride_sn, size_row, stride_zn, second, has_second,
+                                        HAS_SIZE, SIZE_ATTN, W_EPS)
+    wsum = w_first + w_second
+    ssum += s_second
+    prev = second
+    for _m in range(2, rounds):
+        cur = _next_token(cand, own, prev)
         w_cur, s_cur = _merge_weights(score_row, stride_sn, size_row, stride_zn, cur, cur < N,
                                       HAS_SIZE, SIZE_ATTN, W_EPS)
         wsum += w_cur
@@ -152,19 +176,24 @@ def _weighted_merge_kernel(
         prev = cur
     denom = tl.where(wsum > 0.0, wsum, 1.0)
     share_first = tl.div_rn(w_first, denom)
+    share_second = tl.div_rn(w_second, denom)
     first_rows = x_img + first.to(tl.int64) * stride_xn
+    second_rows = x_img + second.to(tl.int64) * stride_xn
 
-    # 3. the weighted sum, chunk by chunk.
+    # 3. the weighted sum, chunk by chunk (a row's lone token: share 1, added to nothing: bit-exact).
     out_rows = out_ptr + (pid_b * S + rows.to(tl.int64)) * C
     offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(pid_c * C_SPLIT, tl.minimum(C, (pid_c + 1) * C_SPLIT), BLOCK_C):
         cmask = (c0 + offs_c) < C
         x_first = tl.load(first_rows[:, None] + (c0 + offs_c)[None, :] * stride_xc,
                           mask=(first < N)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        x_second = tl.load(second_rows[:, None] + (c0 + offs_c)[None, :] * stride_xc,
+                           mask=has_second[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc = share_first[:, None] * x_first
-        prev = first
-        for _m in range(1, rounds):
-            cur = _next_token(cand, prev, BLOCK_N)
+        acc = tl.where(has_second[:, None], acc + share_second[:, None] * x_second, acc)
+        prev = second
+        for _m in range(2, rounds):
+            cur = _next_token(cand, own, prev)
             has = cur < N
             w_cur, _s = _merge_weights(score_row, stride_sn, size_row, stride_zn, cur, has,
                                        HAS_SIZE, SIZE_ATTN, W_EPS)
@@ -187,7 +216,7 @@ def _weighted_merge_backward_kernel(
         grad_out_ptr, stride_gb, stride_gn, stride_gc,
         grad_size_out_ptr, stride_hb, stride_hn,
         x_ptr, stride_xb, stride_xn, stride_xc,
-        out_ptr, index_ptr, wsum_ptr,
+        out_ptr, index_ptr, index_stride, wsum_ptr,
         scores_ptr, stride_sb, stride_sn,
         size_ptr, stride_zb, stride_zn,
         grad_x_ptr, grad_scores_ptr, grad_size_ptr,
@@ -216,7 +245,7 @@ def _weighted_merge_backward_kernel(
     valid_i = offs_i < N
     score_row = scores_ptr + pid_b * stride_sb
     size_row = size_ptr + pid_b * stride_zb
-    dest = tl.load(index_ptr + pid_b * N + offs_i, mask=valid_i, other=0).to(tl.int64)
+    dest = tl.load(index_ptr + pid_b * index_stride + offs_i, mask=valid_i, other=0).to(tl.int64)
     wsum = tl.load(wsum_ptr + pid_b * S + dest, mask=valid_i, other=1.0)
     w, size = _merge_weights(score_row, stride_sn, size_row, stride_zn, offs_i, valid_i,
                              HAS_SIZE, SIZE_ATTN, W_EPS)
@@ -258,15 +287,25 @@ def _weighted_merge_backward_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
-def merge_config(N: int, C: int, has_size: bool, size_attn: bool) -> tuple[dict, int]:
-    """4 output rows x up to 768 channels a program, in ``[4, 256]`` chunks: the index scan and the
-    weight totals are done once per row tile, ViT-B/L need one or two programs across C, and small
-    programs keep many resident (64 registers on sm_90 at N = 197 with 4 warps: 8 programs per SM).
-    The ``[4, BLOCK_N]`` comparison tile, not the chunk, sets the registers."""
-    block_n = max(16, triton.next_power_of_2(N))
-    block_c = min(256, max(16, triton.next_power_of_2(C)))
-    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, BLOCK_N=block_n, ROWS=4,
-                  C_SPLIT=3 * block_c, BLOCK_C=block_c)
+def merge_config(N: int, C: int, has_size: bool, size_attn: bool, R: Optional[int] = None) -> tuple[dict, int]:
+    """Constants and num_warps of the gather for ``N`` tokens of ``C`` channels; ``R``: merged tokens of
+    a merge plan (compact lists), None for an index map.
+
+    Index map: 4 output rows x up to 768 channels a program, in ``[4, 256]`` chunks: the index scan
+    and the weight totals are done once per row tile, and small programs keep many resident (64
+    registers on sm_90 at N = 197 with 4 warps: 8 programs per SM). The ``[4, BLOCK_N]`` comparison
+    tile, not the chunk, sets the registers.
+
+    Lists: no scan (the comparison is ``[ROWS, R]``), so 8 rows x up to 768 channels a program in
+    ``[8, 128]`` chunks, 4 warps: twice the rows per program for the same latency chain, registers
+    set by the two token tiles of a chunk.
+    """
+    if R is None:
+        block_n, rows, block_c = max(16, triton.next_power_of_2(N)), 4, min(256, max(16, triton.next_power_of_2(C)))
+    else:
+        block_n, rows, block_c = max(16, triton.next_power_of_2(R)), 8, min(128, max(16, triton.next_power_of_2(C)))
+    consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, LISTS=R is not None, BLOCK_N=block_n,
+                  ROWS=rows, C_SPLIT=(3 if R is None else 6) * block_c, BLOCK_C=block_c)
     return consts, (4 if block_n <= 256 else 8)
 
 
@@ -288,24 +327,29 @@ def weighted_merge(x: torch.Tensor, scores: Optional[torch.Tensor], size: Option
     """The forward launch: ``(x' [B, S, C] in x's dtype, size' [B, S] fp32, W [B, S] fp32)``, ``S = n_out``.
 
     ``x [B, N, C]`` any strides; ``scores [B, N]`` fp32 (read only with ``size_attn``; may be None
-    without it); ``size [B, N]`` fp32 or None for ones; ``index [B, N]`` int64, contiguous, values in
-    ``[0, S)``. ``traceable=True`` launches through :func:`wrap_triton` (inside a ``triton_op``);
+    without it); ``size [B, N]`` fp32 or None for ones; ``index`` int64 with unit inner stride: an
+    index map ``[B, N]`` (values in ``[0, S)``), or a *merge plan* ``[B, N + S + 2 R]`` from a
+    selection: the index map, then the compact lists the gather reads instead of scanning the map
+    (the own token of every output row, the ``R`` tokens merged into other rows in increasing
+    position, and those tokens' output rows; every input token is either some row's own token or
+    merged). MSTM and ToMe pass plans, BAT (clusters: rows without an own token) an index map. ``traceable=True`` launches through :func:`wrap_triton` (inside a ``triton_op``);
     False launches the kernel directly, for eager callers outside an operator (autograd Functions).
     """
     B, N, C = x.shape
+    R = None if index.shape[1] == N else (index.shape[1] - N - n_out) // 2
     out = torch.empty(B, n_out, C, dtype=x.dtype, device=x.device)
     size_out = torch.empty(B, n_out, dtype=torch.float32, device=x.device)
     wsum = torch.empty(B, n_out, dtype=torch.float32, device=x.device)
     sc = size_out if scores is None else scores  # valid pointers when unused (never read then)
     sz = sc if size is None else size
-    consts, num_warps = merge_config(N, C, size is not None, size_attn)
+    consts, num_warps = merge_config(N, C, size is not None, size_attn, R)
     grid = (B, triton.cdiv(n_out, consts["ROWS"]), triton.cdiv(C, consts["C_SPLIT"]))
     kernel = wrap_triton(_weighted_merge_kernel) if traceable else _weighted_merge_kernel
     kernel[grid](
         x, x.stride(0), x.stride(1), x.stride(2),
         sc, sc.stride(0), sc.stride(1),
         sz, sz.stride(0), sz.stride(1),
-        index, out, size_out, wsum, N, C, n_out, **consts, num_warps=num_warps)
+        index, index.stride(0), out, size_out, wsum, N, C, n_out, R or 0, **consts, num_warps=num_warps)
     return out, size_out, wsum
 
 
@@ -314,7 +358,8 @@ def weighted_merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores
     """The backward launch: ``(grad_x [B, N, C] in x's dtype, grad_scores [B, N], grad_size [B, N])``
     (float32), None for those not asked for.
 
-    ``out``, ``index`` and ``wsum`` are :func:`weighted_merge`'s (contiguous); ``grad_size_out`` may be
+    ``out`` and ``wsum`` are :func:`weighted_merge`'s (contiguous), ``index`` its index map or plan
+    (the map is its first ``N`` columns); ``grad_size_out`` may be
     None (zeros). ``scores`` may be None without ``size_attn``. ``traceable``: as for :func:`weighted_merge`.
     """
     B, N, C = x.shape
@@ -333,7 +378,7 @@ def weighted_merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores
         grad_out, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         grad_size_out, grad_size_out.stride(0), grad_size_out.stride(1),
         x, x.stride(0), x.stride(1), x.stride(2),
-        out, index, wsum,
+        out, index, index.stride(0), wsum,
         sc, sc.stride(0), sc.stride(1),
         sz, sz.stride(0), sz.stride(1),
         # pointers of gradients not asked for are never written (NEED_* constexprs)
@@ -348,17 +393,18 @@ def weighted_merge_backward(grad_out, grad_size_out, x, out, index, wsum, scores
 # Ahead-of-time compile specs: each method file registers the instantiations its launcher uses
 # ----------------------------------------------------------------------------------------------------
 def merge_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool, N: int = 197,
-               C: int = 768) -> KernelSpec:
-    """The forward kernel as :func:`weighted_merge` launches it for ``N`` tokens of ``C`` channels."""
+               C: int = 768, R: Optional[int] = 13) -> KernelSpec:
+    """The forward kernel as :func:`weighted_merge` launches it for ``N`` tokens of ``C`` channels and a
+    plan of ``R`` merged tokens (None: an index map)."""
     t = PTR[dtype]
-    consts, warps = merge_config(N, C, has_size, size_attn)
+    consts, warps = merge_config(N, C, has_size, size_attn, R)
     return KernelSpec(
         name, _weighted_merge_kernel,
         dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
              scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
              size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-             index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
-             N="i32", C="i32", S="i32"),
+             index_ptr="*i64", index_stride="i32", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
+             N="i32", C="i32", S="i32", R="i32"),
         consts, warps)
 
 
@@ -372,7 +418,7 @@ def backward_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool
         dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
              grad_size_out_ptr="*fp32", stride_hb="i32", stride_hn="i32",
              x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-             out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
+             out_ptr=t, index_ptr="*i64", index_stride="i32", wsum_ptr="*fp32",
              scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
              size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
              grad_x_ptr=t, grad_scores_ptr="*fp32", grad_size_ptr="*fp32",

@@ -35,6 +35,7 @@ LOW_OCCUPANCY = {  # floors hold with triton 3.6 (the GPU machine's), 3.8 (a fre
     "idle_cut_loss_": 8,
     "idle_scatter_rows[": 8,
     "idle_topk_select": 8,
+    "tome_match_select[float32,": 12,  # generic variant (166 registers: 32-source TF32x3 tiles); @jit 16
 }
 #: Largest fraction of a loop body's instructions that may be local-memory accesses (spills).
 MAX_LOOP_LOCAL_DENSITY = 1 / 64

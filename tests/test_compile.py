@@ -358,12 +358,10 @@ def test_triton_op_form_hands_the_kernels_to_the_compiler():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     launches = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("KERNEL ")]
-    # the selection and matching primitives pass scores_ptr / src_ptr into device functions that
-    # torch's TTIR analysis does not see through, so it counts them as written (a clone of [B, N]
-    # scores and [B, r] positions under compile)
+    # the fused selection + matching passes scores_ptr into device functions that torch's TTIR
+    # analysis does not see through, so it counts it as written (a clone of [B, N] scores under compile)
     assert launches == [
-        ["_select_topk_kernel", "['kept_ptr', 'rest_ptr', 'scores_ptr', 'slot_ptr']"],
-        ["_cosine_match_kernel", "['best_ptr', 'map_ptr', 'partner_ptr', 'src_ptr']"],
+        ["_mstm_select_match_kernel", "['plan_ptr', 'scores_ptr']"],
         ["_weighted_merge_kernel", "['out_ptr', 'size_out_ptr', 'wsum_ptr']"],
         ["_weighted_merge_backward_kernel", "['grad_scores_ptr']"],  # only the gradient asked for
     ]

@@ -242,15 +242,15 @@ def test_kernel_gradients_match_reference(with_size, N, C, p, r, dtype, tol, siz
 
 def test_kernels_registered_for_ahead_of_time_compilation():
     """tests/test_aot.py compiles every registered spec for sm_80 and sm_90; ToMe's launches are there
-    (its matching at N = 197 is kernels/match.py's 98 x 98 range spec)."""
+    (its fused matching + selection at N = 197 in every dtype, and at 577 and 2049 tokens)."""
     from fastprune.kernels import aot
 
     names = [s.name for s in aot.registered_specs()]
     for dtype in ("float32", "float16", "bfloat16"):
-        for kernel in (f"cosine_match[{dtype},S=98,M=98,Cm=64,ranges]", f"tome_merge[{dtype},ones]",
+        for kernel in (f"tome_match_select[{dtype},N=197,Cm=64]", f"tome_merge[{dtype},ones]",
                        f"tome_merge[{dtype},size]", f"tome_merge_backward[{dtype},size]"):
             assert kernel in names
-    assert {"tome_select[N=197]", "tome_select[N=577]", "tome_select[N=2049]"} <= set(names)
+    assert {"tome_match_select[bfloat16,N=577,Cm=64]", "tome_match_select[float16,N=2049,Cm=64]"} <= set(names)
 
 
 def test_no_gradient_reaches_metric():
