@@ -389,7 +389,7 @@ def test_recommended_schedule_is_the_documented_setting_and_scales_with_the_mode
     from fastprune.schedules import recommended_r
     setting = parse_setting(RECOMMENDED_SETTING)  # the evaluation's recommended setting is the patch default
     assert setting.method == "merge" and list(setting.r) == recommended_r(12, 196)
-    assert recommended_r(12, 196) == [0, 0] + list(range(21, 11, -1))
+    assert recommended_r(12, 196) == [0, 0, 23] + list(range(21, 12, -1))
     assert all(MERGE_DEFAULTS[k] == v for k, v in setting.options.items())
     deep = recommended_r(24, 576)  # ViT-L/16 at 384 px: the same share of tokens, spread over 24 blocks
     assert deep[:3] == [0, 0, 0] and min(deep) >= 0

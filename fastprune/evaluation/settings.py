@@ -34,7 +34,7 @@ __all__ = ["Setting", "parse_setting", "parse_options", "format_setting", "forma
 #: Recommended off-the-shelf MSTM merge (chosen on the 500 sample images, see the README): no
 #: merging in blocks 0-1, then 21, 20, ..., 12 tokens per block; matching on the tokens ``x``, merge
 #: weights size x class attention, proportional attention on.
-RECOMMENDED_SETTING = "merge:0*2,21..12:metric=x:weight=size_attn"
+RECOMMENDED_SETTING = "merge:0*2,23,21..13:metric=x:weight=size_attn"
 #: Default ``--settings``: the baseline and the recommended merge.
 DEFAULT_SETTINGS = ("none", RECOMMENDED_SETTING)
 #: ATen ops whose FLOPs are the attention's ``q k^T`` and ``attn v`` products.
