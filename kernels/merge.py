@@ -74,7 +74,7 @@ def _mstm_select_match_kernel(
         plan_ptr, N, P, K, CM,
         RADIX_BITS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
-        SINGLE_CHUNK: tl.constexpr):
+        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr):
     """Selection and matching of one image (grid ``(B,)``): its merge plan ``plan[b]``
     (``[B, 2 N + R]`` int64, ``R = N - P - K`` sources, ``S = P + K`` outputs).
 
@@ -94,7 +94,7 @@ def _mstm_select_match_kernel(
     R = N - P - K
     S = P + K
     plan = plan_ptr + pid_b * (2 * N + R)
-    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, False, RADIX_BITS, BLOCK_N)
+    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, False, RADIX_BITS, BLOCK_N, RANK_CHUNK)
     write_selection(keep, plan, plan + N, plan + N + S, N, -1, True, True, BLOCK_N)
     tl.debug_barrier()
     metric_row = metric_ptr + pid_b * metric_stride_b

@@ -9,12 +9,15 @@ number (as ``torch.sort`` puts them first), or, with ``NAN_LAST``, count as ``-i
 No sort and no host synchronisation: :func:`order_keys` maps each float32 score to an int32 key with
 the same order, :func:`kth_largest` finds the ``K``-th largest key by a radix search (8 steps of 4
 bits for ViT rows, each one reduction), and the ties at that key are resolved by a cumsum in token
-order (:func:`topk_mask`). The selection runs once per image: one program holds the image's whole
-score row in registers.
+order (:func:`topk_mask`). Short rows (up to :data:`RANK_MAX_BLOCK` = 256 keys: ViT/16 at 224 px,
+ToMe's A set) are selected by ranks instead (:func:`rank_topk_row`): each member's rank, the number
+of keys before it in the order, from chunked ``[CHUNK, BLOCK]`` comparison tiles and one reduction,
+the same result as the radix chain. The selection runs once per image: one program holds the image's
+whole score row in registers.
 
 Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
-:func:`kth_largest`, :func:`topk_mask` (a register vector of keys), :func:`topk_row` (a score row in
-memory) and :func:`write_selection` (slots, kept and dropped positions); MSTM's fused select+match
+:func:`kth_largest`, :func:`topk_mask` (a register vector of keys), :func:`rank_topk_row` (a short
+row in memory, by ranks), :func:`topk_row` (a score row in memory) and :func:`write_selection` (slots, kept and dropped positions); MSTM's fused select+match
 kernel (``kernels/merge.py``) is built from them. Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import triton.language as tl
 from . import check_triton_device
 from .aot import KernelSpec, register
 
-__all__ = ["TopK", "select_topk_triton", "select_config", "radix_bits", "MAX_TOKENS"]
+__all__ = ["TopK", "select_topk_triton", "select_config", "radix_bits", "rank_chunk", "MAX_TOKENS", "RANK_MAX_BLOCK"]
 
 #: Most tokens per image the launcher takes (the whole score row lives in one program's registers).
 MAX_TOKENS = 16384
@@ -89,14 +92,48 @@ def topk_mask(keys, K, RADIX_BITS: tl.constexpr):
 
 
 @triton.jit
+def rank_topk_row(row_ptr, stride, LO, HI, K, NAN_LAST: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Top-``K`` mask over ``tl.arange(0, BLOCK)`` of the members ``LO <= n < HI`` of a float row in
+    memory (entry ``n`` at ``row_ptr + n * stride``), by ranks: for a short row (``BLOCK <= 256``,
+    :data:`RANK_MAX_BLOCK`) in place of the radix search of :func:`topk_mask`, same result.
+
+    ``rank_i = #{j : key_j > key_i, or key_j == key_i and j < i}`` (keys of :func:`order_keys`, so
+    descending, NaN first or, with ``NAN_LAST``, as ``-inf``, ``-0.0 == +0.0``, ties to the lower
+    index) and ``i`` is kept iff ``rank_i < K`` (``K`` must not exceed the members). The key and the
+    index are one int64 ``key * 2**16 + (BLOCK - 1 - i)``, so each pair is one comparison; the
+    ``[CHUNK, BLOCK]`` comparison tiles of the ``j`` chunks covering ``[LO, HI)`` (reloaded from
+    memory: L1 hits; ``i`` runs along the lanes, as the row's own layout, so each thread holds few
+    ``i`` and few ``j``) add up in registers and are reduced once: one block-wide reduction instead of
+    the radix chain's ``32 / RADIX_BITS + 2``. Non-members (key ``INT32_MIN``) rank below every member.
+    """
+    offs = tl.arange(0, BLOCK)
+    member = (offs >= LO) & (offs < HI)
+    v = tl.load(row_ptr + offs * stride, mask=member, other=0.0)
+    pair_i = order_keys(v, member, NAN_LAST).to(tl.int64) * 65536 + (BLOCK - 1 - offs)
+    count = tl.zeros([CHUNK, BLOCK], dtype=tl.int32)
+    for j0 in range((LO // CHUNK) * CHUNK, HI, CHUNK):
+        offs_j = j0 + tl.arange(0, CHUNK)
+        member_j = (offs_j >= LO) & (offs_j < HI)
+        v_j = tl.load(row_ptr + offs_j * stride, mask=member_j, other=0.0)
+        pair_j = order_keys(v_j, member_j, NAN_LAST).to(tl.int64) * 65536 + (BLOCK - 1 - offs_j)
+        count += (pair_j[:, None] > pair_i[None, :]).to(tl.int32)
+    return tl.sum(count, axis=0) < K
+
+
+@triton.jit
 def topk_row(score_row, stride_sn, N, P, K, NAN_LAST: tl.constexpr, RADIX_BITS: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+             BLOCK_N: tl.constexpr, RANK_CHUNK: tl.constexpr = 0):
     """Keep mask over ``tl.arange(0, BLOCK_N)`` (``BLOCK_N >= N``) of one image's score row in memory:
-    the ``P`` prefix tokens and the top ``K`` of the others (``K <= N - P``). Reads ``N`` floats once."""
+    the ``P`` prefix tokens and the top ``K`` of the others (``K <= N - P``). ``RANK_CHUNK > 0``: by
+    ranks (:func:`rank_topk_row`, short rows), else by the radix search (:func:`topk_mask`, reads
+    ``N`` floats once)."""
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
-    s = tl.load(score_row + offs * stride_sn, mask=valid, other=0.0)
-    keep = topk_mask(order_keys(s, valid & (offs >= P), NAN_LAST), K, RADIX_BITS)
+    if RANK_CHUNK > 0:
+        keep = rank_topk_row(score_row, stride_sn, P, N, K, NAN_LAST, BLOCK_N, RANK_CHUNK)
+    else:
+        s = tl.load(score_row + offs * stride_sn, mask=valid, other=0.0)
+        keep = topk_mask(order_keys(s, valid & (offs >= P), NAN_LAST), K, RADIX_BITS)
     return keep | (valid & (offs < P))
 
 
@@ -127,7 +164,7 @@ def _select_topk_kernel(
         slot_ptr, kept_ptr, rest_ptr,
         N, P, K, DROP_SLOT,
         NAN_LAST: tl.constexpr, WRITE_KEPT: tl.constexpr, WRITE_REST: tl.constexpr, RADIX_BITS: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, RANK_CHUNK: tl.constexpr):
     """Top-k selection of one image ``b`` (grid ``(B,)``).
 
     Writes ``slot[b, n]`` (``[B, N]`` int64): the output slot of a kept token (prefix included, in
@@ -137,7 +174,8 @@ def _select_topk_kernel(
     (+ ``8 N``) written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
-    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, RADIX_BITS, BLOCK_N)
+    keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, RADIX_BITS, BLOCK_N,
+                    RANK_CHUNK)
     write_selection(keep, slot_ptr + pid_b * N, kept_ptr + pid_b * (P + K), rest_ptr + pid_b * (N - P - K), N,
                     DROP_SLOT, WRITE_KEPT, WRITE_REST, BLOCK_N)
 
@@ -151,11 +189,27 @@ def radix_bits(block_n: int, num_warps: int) -> int:
     return bits
 
 
+#: Longest row (as its power-of-two block) selected by ranks (:func:`rank_topk_row`): its comparison
+#: work grows as the square of the row.
+RANK_MAX_BLOCK = 256
+
+
+def rank_chunk(block_n: int, num_warps: int) -> int:
+    """``CHUNK`` of :func:`rank_topk_row` for a row of ``block_n`` keys: the widest ``j`` chunk (up to
+    64) whose ``[CHUNK, block_n]`` count tile stays within 16 elements per thread; 0 (the radix search)
+    for rows longer than :data:`RANK_MAX_BLOCK`."""
+    if block_n > RANK_MAX_BLOCK:
+        return 0
+    return max(1, min(64, block_n, 16 * 32 * num_warps // block_n))
+
+
 def select_config(N: int) -> tuple[dict, int]:
-    """Constants and num_warps for ``N`` tokens: the whole row in one program, 4 to 16 warps."""
+    """Constants and num_warps for ``N`` tokens: the whole row in one program, 4 to 16 warps; rows of
+    up to :data:`RANK_MAX_BLOCK` are selected by ranks, longer ones by the radix search."""
     block_n = max(16, triton.next_power_of_2(N))
     num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
-    return dict(BLOCK_N=block_n, RADIX_BITS=radix_bits(block_n, num_warps)), num_warps
+    return dict(BLOCK_N=block_n, RADIX_BITS=radix_bits(block_n, num_warps),
+                RANK_CHUNK=rank_chunk(block_n, num_warps)), num_warps
 
 
 class TopK(NamedTuple):

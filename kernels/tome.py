@@ -48,7 +48,7 @@ from fastprune.reference import Merged
 from . import check_triton_device
 from .aot import KernelSpec, register
 from .match import compiled_match_config, cosine_argmax, match_config
-from .select import order_keys, radix_bits, topk_mask
+from .select import order_keys, radix_bits, rank_chunk, rank_topk_row, topk_mask
 from .weighted_merge import PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
@@ -63,7 +63,7 @@ def _tome_match_select_kernel(
         N, NA, NB, P, R, CM,
         BLOCK_NA: tl.constexpr, RADIX_BITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
-        SINGLE_CHUNK: tl.constexpr):
+        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr):
     """Bipartite matching, top-``r`` selection and the output order of one image (grid ``(B,)``).
 
     1. matching (``kernels/match.py``'s :func:`~fastprune.kernels.match.cosine_argmax`, tensor cores):
@@ -71,7 +71,8 @@ def _tome_match_select_kernel(
        the non-prefix B tokens, as position ranges; the best similarity and partner (index among the
        non-prefix B tokens) of each go to the scratch rows ``score[b]``, ``partner[b]`` (``[B, NS]``);
     2. a barrier, then the top-``R`` of those scores, ties to the lower index (``kernels/select.py``'s
-       :func:`~fastprune.kernels.select.topk_mask`, once per image: no sort, no host sync);
+       :func:`~fastprune.kernels.select.rank_topk_row` for ``BLOCK_NA <= 256`` (``RANK_CHUNK > 0``: one
+       reduction), else :func:`~fastprune.kernels.select.topk_mask`; once per image: no sort, no host sync);
     3. output slots: prefix tokens keep their position; unmerged A tokens follow in order
        (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + n_unmerged + j``; a merged
        A token maps to its partner's slot. Stores the merge plan ``plan[b]`` (``[B, 2 N + R]`` int64):
@@ -99,8 +100,11 @@ def _tome_match_select_kernel(
     valid = offs < NA
     pos_a = 2 * offs
     candidate = valid & (offs >= A0)
-    s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
-    merged = topk_mask(order_keys(s, candidate, False), R, RADIX_BITS)
+    if RANK_CHUNK > 0:  # short rows: by ranks, one reduction
+        merged = rank_topk_row(score_ptr + (pid_b * NS - A0), 1, A0, NA, R, False, BLOCK_NA, RANK_CHUNK)
+    else:
+        s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
+        merged = topk_mask(order_keys(s, candidate, False), R, RADIX_BITS)
     kept_a = valid & (merged == 0)
 
     b_base = P + NS - R  # slot of the j-th non-prefix B token is b_base + j
@@ -127,7 +131,8 @@ def _tome_match_select_kernel(
 # ----------------------------------------------------------------------------------------------------
 def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: bool = False) -> tuple[dict, int]:
     """Constants and num_warps of :func:`_tome_match_select_kernel` for ``N`` tokens: ``BLOCK_NA >= NA``
-    (a power of two) and the radix width of the top-r search; the matching's tiles of
+    (a power of two), the top-r search (ranks for ``BLOCK_NA <= 256``, else the radix search and its
+    width); the matching's tiles of
     ``kernels/match.py``, with all A tokens of a ViT/16 at 224 px in one tile (up to 128 sources: the
     per-image chain is one candidate sweep; 32 for float32, whose TF32x3 triples the products' registers),
     8 warps for tiles of 64 sources or more."""
@@ -137,7 +142,8 @@ def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: b
     consts, _ = (compiled_match_config if compiled else match_config)(NS, M, CM, dtype)
     block_i = max(16, min(32 if dtype == torch.float32 else 128, triton.next_power_of_2(NS)))
     num_warps = 8 if block_i >= 64 or block_na > 1024 else 4
-    consts.update(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps), BLOCK_I=block_i)
+    consts.update(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps),
+                  RANK_CHUNK=rank_chunk(block_na, num_warps), BLOCK_I=block_i)
     return consts, num_warps
 
 

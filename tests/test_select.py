@@ -15,7 +15,8 @@ import triton.language as tl
 
 from conftest import DEVICE
 from fastprune.kernels import aot
-from fastprune.kernels.select import MAX_TOKENS, order_keys, select_topk_triton, topk_mask
+from fastprune.kernels.select import (MAX_TOKENS, order_keys, rank_chunk, rank_topk_row, select_config,
+                                     select_topk_triton, topk_mask)
 from fastprune.reference import output_slots, topk_keep_mask
 
 
@@ -151,3 +152,79 @@ def test_methods_follow_their_nan_rule():
     sel = idle.select_tokens(attn, 5, 1, backend="triton")
     assert torch.equal(sel.slot, idle.select_tokens(attn, 5, 1, backend="reference").slot)
     assert not sel.keep[1, 5:7].any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rank top-k of short rows (rank_topk_row): same result as the radix search
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rank_vs_radix_kernel(values_ptr, rank_out_ptr, radix_out_ptr, LO, HI, K, NAN_LAST: tl.constexpr,
+                          BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Top-K of the members LO <= n < HI of one row, by ranks and by the radix search (4 bits)."""
+    offs = tl.arange(0, BLOCK)
+    member = (offs >= LO) & (offs < HI)
+    rank = rank_topk_row(values_ptr, 1, LO, HI, K, NAN_LAST, BLOCK, CHUNK)
+    v = tl.load(values_ptr + offs, mask=member, other=0.0)
+    radix = topk_mask(order_keys(v, member, NAN_LAST), K, 4)
+    tl.store(rank_out_ptr + offs, rank.to(tl.int8))
+    tl.store(radix_out_ptr + offs, radix.to(tl.int8))
+
+
+def _rank_and_radix(values, lo, hi, k, nan_last, chunk=None):
+    block = max(16, triton.next_power_of_2(values.numel()))
+    chunk = chunk or rank_chunk(block, 4)
+    rank = torch.empty(block, dtype=torch.int8, device=DEVICE)
+    radix = torch.empty(block, dtype=torch.int8, device=DEVICE)
+    _rank_vs_radix_kernel[(1,)](values, rank, radix, lo, hi, k, NAN_LAST=nan_last, BLOCK=block, CHUNK=chunk)
+    want = [lo + i for i in brute_force_keep(values[lo:hi].tolist(), k, 0, nan_last)]
+    return rank.nonzero().flatten().tolist(), radix.nonzero().flatten().tolist(), want
+
+
+@pytest.mark.parametrize("nan_last", [False, True])
+def test_rank_topk_special_values_and_signed_zeros(nan_last):
+    """NaN (either sign) ranks first, or as -inf; -0.0 == +0.0 (ties to the lower index), as the radix path."""
+    inf, nan = float("inf"), float("nan")
+    values = torch.tensor([-0.0, 0.0, -0.0, nan, 1e-45, -1e-45, -nan, inf, -inf, 0.0, -inf, nan, 3.4e38],
+                          device=DEVICE)
+    n = values.numel()
+    for k in range(n + 1):
+        rank, radix, want = _rank_and_radix(values, 0, n, k, nan_last)
+        assert rank == radix == want, k
+    rank, _, _ = _rank_and_radix(values, 0, n, 6, False)
+    assert rank == [3, 4, 6, 7, 11, 12]  # NaNs, inf, 3.4e38, then 1e-45 (in token order)
+    rank, _, _ = _rank_and_radix(values, 0, n, 7, False)
+    assert rank == [0, 3, 4, 6, 7, 11, 12]  # then the first zero of either sign
+
+
+def test_rank_topk_ties_and_odd_lengths():
+    rng = random.Random(2)
+    for n in (1, 2, 3, 7, 16, 31, 99, 100, 197, 256):
+        for _ in range(3):
+            pool = [rng.choice([-1.0, -0.0, 0.0, 0.5, float("nan"), float("-inf")]) for _ in range(3)]
+            values = torch.tensor([rng.choice(pool) for _ in range(n)], device=DEVICE)
+            lo = rng.randint(0, min(3, n - 1))
+            hi = rng.randint(lo + 1, n)
+            for k in sorted({0, 1, (hi - lo) // 2, hi - lo}):
+                nan_last = rng.random() < 0.5
+                rank, radix, want = _rank_and_radix(values, lo, hi, k, nan_last)
+                assert rank == radix == want, (n, lo, hi, k, nan_last)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16, 64])
+def test_rank_topk_chunks_not_aligned_with_members(chunk):
+    """Members starting and ending inside a chunk; every chunk width gives the same selection."""
+    values = torch.tensor([float(v) for v in [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4,
+                                              3, 3, 8, 3, 2, 7, 9, 5, 0, 2, 8, 8, 4, 1, 9, 7, 1, 6]], device=DEVICE)
+    for lo, hi, k in ((0, 42, 10), (5, 37, 12), (17, 18, 1), (3, 42, 39), (1, 30, 0)):
+        rank, radix, want = _rank_and_radix(values, lo, hi, k, False, chunk=min(chunk, 64))
+        assert rank == radix == want, (lo, hi, k)
+
+
+def test_rank_topk_configuration():
+    """Short rows use ranks, longer ones the radix search; the count tile stays small."""
+    assert rank_chunk(256, 4) == 8 and rank_chunk(128, 8) == 32 and rank_chunk(16, 4) == 16
+    assert rank_chunk(512, 4) == 0
+    assert select_config(197)[0]["RANK_CHUNK"] > 0 and select_config(577)[0]["RANK_CHUNK"] == 0
+    from fastprune.kernels.tome import match_select_config
+    assert match_select_config(197, 1, 64, torch.bfloat16)[0]["RANK_CHUNK"] > 0
+    assert match_select_config(577, 1, 64, torch.bfloat16)[0]["RANK_CHUNK"] == 0
