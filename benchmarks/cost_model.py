@@ -12,7 +12,9 @@ them. For each launch of the MSTM merge and of ToMe at a ViT geometry the model 
 * ``registers`` / ``resident_warps``: from the ahead-of-time sm_90 compile (``--aot``), else blank;
 * ``predicted_us``: ``max(min_bytes / bandwidth, written_flops / peak, serial_us)``, where
   ``serial_us`` is the latency-bound time of the dependent steps each program walks through
-  (block reductions, dependent loads), spread over the programs that fit on the GPU at once.
+  (block reductions, dependent loads, and the instructions of the rank top-k's comparison tiles,
+  issued by one program's warps on an SM's 4 schedulers), spread over the programs that fit on the
+  GPU at once.
 
 Launch configurations (tiles, warps, grids) are read from the kernel files, so the model follows the
 code. Numbers of the machine (:data:`H200`) are nominal figures and the fastprune-measured copy
@@ -43,6 +45,8 @@ class Machine:
     sms: int
     reduction_us: float = 0.3  # one block-wide reduction (shuffles + shared memory + barrier)
     dependent_load_us: float = 0.6  # one load whose address depends on the previous step
+    clock_ghz: float = 1.98  # boost clock; one program's warps issue on the SM's 4 schedulers
+    schedulers: int = 4
 
 
 #: The GPU machine (ENVIRONMENT.md: ~4.3 TB/s measured copy bandwidth, 132 SMs).
@@ -64,6 +68,7 @@ class Launch:
     backward: bool = False
     tc_flops: float = 0.0  # the part of written_flops that runs on tensor cores (rest: scalar issue)
     tc_rate: float = 1.0  # tensor-core rate relative to bf16 (TF32: 1/2)
+    serial_ops: float = 0.0  # per program: scalar operations on its critical path (rank top-k tiles)
 
 
 def _vit_block_flops(N: int, C: int) -> float:
@@ -75,13 +80,24 @@ def _tag(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _select_work(N: int, consts: dict, block: str) -> tuple:
-    """``(integer ops, serial reductions, serial loads)`` of kernels/select.py's radix top-k on one row
-    of ``consts[block]`` keys (per image): ``32 / RADIX_BITS`` steps of a ``[2**bits, BLOCK]``
-    comparison, then the tie cumsum and the slot stores."""
-    bits, width = consts["RADIX_BITS"], consts[block]
+def _select_work(lo: int, hi: int, consts: dict, block: str) -> tuple:
+    """``(integer ops, serial reductions, serial loads, serial ops)`` of kernels/select.py's top-k on one
+    row of ``consts[block]`` keys whose members are ``lo <= n < hi`` (per image).
+
+    Radix search (``RANK_CHUNK == 0``): ``32 / RADIX_BITS`` steps of a ``[2**bits, BLOCK]`` comparison
+    (one reduction each), the count above the threshold, the tie cumsum and the slot cumsum.
+    Ranks (``RANK_CHUNK > 0``, short rows): the ``[CHUNK, BLOCK]`` tiles of the chunks covering the
+    members, 3 operations per pair (the int64 comparison, the count), reduced once, then the slot
+    cumsum; the chunks' loads are independent (one latency), and the tiles' instructions are on the
+    program's critical path (``serial ops``, per program)."""
+    width, chunk = consts[block], consts.get("RANK_CHUNK", 0)
+    if chunk:
+        chunks = math.ceil(hi / chunk) - lo // chunk
+        tile_ops = chunks * chunk * width * 3
+        return tile_ops + 4 * width, 2, 2, tile_ops
+    bits = consts["RADIX_BITS"]
     steps = math.ceil(32 / bits)
-    return steps * (width << bits) + 4 * width, steps + 3, 2
+    return steps * (width << bits) + 4 * width, steps + 3, 2, 0
 
 
 def _match_work(S: int, M: int, CM: int, dtype: torch.dtype, consts: dict, ranges: bool) -> tuple:
@@ -104,14 +120,15 @@ def mstm_select_match_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
 
     K = N - p - r
     consts, warps = select_match_config(N, r, p, CM, dtype)
-    sel_ops, sel_red, sel_load = _select_work(N, consts, "BLOCK_N")
+    sel_ops, sel_red, sel_load, sel_serial = _select_work(p, N, consts, "BLOCK_N")
     mflops, m_red, m_load = _match_work(r, K, CM, dtype, consts, ranges=False)
     return Launch(
         "MSTM select + match (one program per image)", f"mstm_select_match[{_tag(dtype)},N={N},r={r},Cm={CM}]",
         min_bytes=B * (N * 4 + (N - p) * CM * elt + (2 * N + r) * 8),
         useful_flops=B * 2 * r * K * CM, written_flops=B * (mflops + sel_ops), tensor_cores=True,
         programs=B, serial_steps_reduction=sel_red + m_red, serial_steps_load=sel_load + 1 + m_load,
-        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0)
+        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0,
+        serial_ops=sel_serial)
 
 
 def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype, elt: int, p: int = 1) -> Launch:
@@ -122,14 +139,15 @@ def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
     NA, NB = (N + 1) // 2, N // 2
     NS, M = NA - (p + 1) // 2, NB - p // 2
     consts, warps = match_select_config(N, p, CM, dtype)
-    sel_ops, sel_red, sel_load = _select_work(NA, consts, "BLOCK_NA")
+    sel_ops, sel_red, sel_load, sel_serial = _select_work((p + 1) // 2, NA, consts, "BLOCK_NA")
     mflops, m_red, m_load = _match_work(NS, M, CM, dtype, consts, ranges=True)
     return Launch(
         "ToMe match + select (one program per image)", f"tome_match_select[{_tag(dtype)},N={N},Cm={CM}]",
         min_bytes=B * ((N - p) * CM * elt + (2 * N + r) * 8),
         useful_flops=B * 2 * NS * M * CM, written_flops=B * (mflops + sel_ops), tensor_cores=True,
         programs=B, serial_steps_reduction=m_red + sel_red, serial_steps_load=m_load + sel_load,
-        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0)
+        num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0,
+        serial_ops=sel_serial)
 
 
 def _merge_launches(B: int, N: int, C: int, S: int, n_sources: int, elt: int, has_scores: bool, has_size: bool,
@@ -209,8 +227,9 @@ def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> 
                   + scalar / (machine.fp32_fma_tflops * 1e12)) * 1e6
     per_sm = max(1, (resident_warps or 16) // launch.num_warps)
     waves = math.ceil(launch.programs / (machine.sms * per_sm))
+    issue_us = launch.serial_ops / (32 * machine.schedulers * machine.clock_ghz * 1e3)
     serial_us = waves * (launch.serial_steps_reduction * machine.reduction_us
-                         + launch.serial_steps_load * machine.dependent_load_us)
+                         + launch.serial_steps_load * machine.dependent_load_us + issue_us)
     bound = max((memory_us, "memory"), (compute_us, "issue"), (serial_us, "latency"))
     return {"memory_us": memory_us, "compute_us": compute_us, "serial_us": serial_us,
             "predicted_us": bound[0], "bound": bound[1], "x_roofline": bound[0] / memory_us}
