@@ -46,7 +46,7 @@ from . import check_triton_device
 from .aot import KernelSpec, register
 from .match import cosine_match_triton
 from .select import order_keys, radix_bits, select_topk_triton, topk_mask
-from .weighted_merge import weighted_merge, weighted_merge_backward
+from .weighted_merge import merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["bat_triton", "bat_index_triton", "BATMergeFunction"]
 
@@ -370,7 +370,8 @@ def _aot_specs() -> list[KernelSpec]:
 
     The dtype only changes the conversion of the metric on load, so not every (shape, dtype) pair is
     compiled: that keeps the ahead-of-time test short (the clustering kernel takes seconds to compile).
-    The selection and matching are ``kernels/select.py``'s and ``kernels/match.py``'s specs.
+    The selection and matching are ``kernels/select.py``'s and ``kernels/match.py``'s specs; the weighted
+    merge's index-map variant (BAT's; MSTM and ToMe pass merge plans) is compiled here.
     """
     specs = []
     # Attentive tokens at keep rate 0.7 and the first reduction layer: 138 of 196 (224 px) and 404
@@ -389,6 +390,11 @@ def _aot_specs() -> list[KernelSpec]:
             dict(rest_ptr="*i64", metric_ptr=_PTR[dtype], stride_mb="i32", stride_mn="i32", stride_mc="i32",
                  index_ptr="*i64", N="i32", CM="i32", n="i32", NC="i32", KNN="i32", BASE="i32"),
             consts, warps))
+    # The weighted merge as BAT launches it: from an index map (clusters: rows without an own token),
+    # not a merge plan's lists, weights size x max(attention, eps); ViT/16 at 224 px, 768 channels.
+    for dtype in (torch.float32, torch.bfloat16):
+        specs.append(merge_spec(f"bat_weighted_merge[{_tag(dtype)},size_attn,map]", dtype, True, True, N=197,
+                                C=768, R=None))
     return specs
 
 
