@@ -54,6 +54,8 @@ def test_registry_holds_every_kernel_file():
     for prefix in ("mstm_weighted_merge[", "mstm_merge_backward["):
         for dtype in ("float32", "float16", "bfloat16"):
             assert any(n.startswith(prefix + dtype) for n in names), f"no AOT spec {prefix}{dtype}...] in {names}"
+    # the weighted merge from an index map (BAT's launch), not only from a merge plan's lists
+    assert any(n.startswith("bat_weighted_merge[") and n.endswith(",map]") for n in names), names
     generic = [n for n in names if not n.endswith("@jit")]
     assert sorted(n + "@jit" for n in generic) == sorted(n for n in names if n.endswith("@jit"))
 
