@@ -140,7 +140,8 @@ def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: b
     NS, M = NA - (p + 1) // 2, NB - p // 2
     block_na = max(16, triton.next_power_of_2(NA))
     consts, _ = (compiled_match_config if compiled else match_config)(NS, M, CM, dtype)
-    block_i = max(16, min(32 if dtype == torch.float32 else 128, triton.next_power_of_2(NS)))
+    block_i = max(16, min(32 if dtype == torch.float32 else 64 if block_na > 1024 else 128,
+                            triton.next_power_of_2(NS)))
     num_warps = 8 if block_i >= 64 or block_na > 1024 else 4
     consts.update(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps),
                   RANK_CHUNK=rank_chunk(block_na, num_warps), BLOCK_I=block_i)

@@ -37,6 +37,13 @@ LOW_OCCUPANCY = {  # floors hold with triton 3.6 (the GPU machine's), 3.8 (a fre
     "idle_topk_select": 8,
     "tome_match_select[float32,": 12,  # generic variant (166 registers: 32-source TF32x3 tiles); @jit 16
 }
+#: Exceptions for the generic variants only (integer arguments unspecialised: no stride-1 or
+#: divisibility hints, so every load computes its own addresses); the JIT-specialised variant
+#: (``@jit``, what a launch compiles) keeps :data:`MIN_RESIDENT_WARPS` or its :data:`LOW_OCCUPANCY` floor.
+GENERIC_LOW_OCCUPANCY = {
+    # triton 3.6: 168-200 registers x 8 warps generic; @jit 73-80 registers (24+ warps resident)
+    "tome_match_select[": 8,
+}
 #: Largest fraction of a loop body's instructions that may be local-memory accesses (spills).
 MAX_LOOP_LOCAL_DENSITY = 1 / 64
 
@@ -123,7 +130,8 @@ def test_kernel_compiles(aot_results, name, cc):
     assert row["cubin_bytes"] > 0 and row["ptx_bytes"] > 0, f"{name} sm_{cc}: empty cubin/ptx ({usage})"
     assert row["registers"] is not None and 0 < row["registers"] <= 255, f"{name} sm_{cc}: {usage}"
     warps = aot.resident_warps(row["registers"], row["num_warps"], row.get("shared_bytes") or 0)
-    floor = next((v for k, v in LOW_OCCUPANCY.items() if name.startswith(k)), MIN_RESIDENT_WARPS)
+    floors = LOW_OCCUPANCY if name.endswith("@jit") else {**LOW_OCCUPANCY, **GENERIC_LOW_OCCUPANCY}
+    floor = next((v for k, v in floors.items() if name.startswith(k)), MIN_RESIDENT_WARPS)
     assert warps >= floor, f"{name} sm_{cc}: only {warps} warps fit on an SM (want >= {floor}): {usage}"
     assert row["loop_local_density"] is not None, f"{name} sm_{cc}: SASS could not be read ({usage})"
     assert row["loop_local_density"] <= MAX_LOOP_LOCAL_DENSITY, \
@@ -134,5 +142,5 @@ def test_kernel_compiles(aot_results, name, cc):
 def test_low_occupancy_exceptions_name_kernels():
     """Every exception names registered kernels (a renamed kernel must not keep a stale exception)."""
     names = [s.name for s in SPECS]
-    for prefix in LOW_OCCUPANCY:
+    for prefix in {**LOW_OCCUPANCY, **GENERIC_LOW_OCCUPANCY}:
         assert any(n.startswith(prefix) for n in names), f"LOW_OCCUPANCY names {prefix!r}, which matches no kernel"
