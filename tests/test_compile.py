@@ -386,7 +386,7 @@ def test_cuda_inductor_fullgraph(method):
     _assert_same_state(_state(model), want_state)
     if method == "merge":  # Inductor launches fastprune's kernels itself (triton_op), not an opaque op
         source = "\n".join(code)
-        assert "_select_topk_kernel" in source and "_weighted_merge_kernel" in source
+        assert "_mstm_select_match_kernel" in source and "_weighted_merge_kernel" in source
 
 
 @requires_cuda
