@@ -168,8 +168,17 @@ def _cosine_match_kernel(
     best, arg = cosine_argmax(metric_ptr + pid_b * metric_stride_b, metric_stride_n, pos_i, valid_i,
                               cand_ptr + pid_b * stride_cb, stride_cn, cand_start, cand_step, M, CM,
                               CAND_LIST, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+    partner_row = partner_ptr + pid_b * S
+    if WRITE_MAP:
+        # the map's addresses from the positions read back (through the partner row, overwritten
+        # below), not from token_positions' result: torch's TTIR analysis would trace that to the
+        # source list and count it as written (see kernels/select.py's write_selection)
+        tl.store(partner_row + offs_i, pos_i, mask=valid_i)
+        tl.debug_barrier()
+        pos_i = tl.load(partner_row + offs_i, mask=valid_i, other=0)
+        tl.debug_barrier()
     tl.store(best_ptr + pid_b * S + offs_i, best, mask=valid_i)
-    tl.store(partner_ptr + pid_b * S + offs_i, arg.to(tl.int64), mask=valid_i)
+    tl.store(partner_row + offs_i, arg.to(tl.int64), mask=valid_i)
     if WRITE_MAP:
         tl.store(map_ptr + pid_b * map_stride + pos_i, (arg + map_offset).to(tl.int64), mask=valid_i)
 

@@ -88,7 +88,8 @@ def _mstm_select_match_kernel(
        source's winner slot ``p + j`` goes into the index map and ``plan[b, N + S + R:]``.
 
     Memory traffic: ``4 N`` bytes of scores, the metric of the ``N - P`` non-prefix tokens once
-    (L2 re-reads of the candidates by later source tiles), ``8 (2 N + R)`` bytes written.
+    (L2 re-reads of the candidates by later source tiles), ``8 (2 N + R)`` bytes written (and ``4 N``
+    written and read back, cached: write_selection's slots).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     R = N - P - K

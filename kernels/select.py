@@ -146,10 +146,25 @@ def write_selection(keep, slot_row, kept_row, rest_row, N, DROP_SLOT,
     """Stores one image's selection from its keep mask over ``tl.arange(0, BLOCK_N)``: ``slot_row[n]``
     (int64), the output slot of a kept token (in token order), ``DROP_SLOT`` for the others; with
     ``WRITE_KEPT``, ``kept_row[s]``: the position of slot ``s``; with ``WRITE_REST``, ``rest_row[t]``:
-    the dropped positions, ascending. Returns the kept tokens' slots (int32)."""
+    the dropped positions, ascending. Returns the kept tokens' slots (int32).
+
+    The kept and dropped positions are stored at addresses computed from the slots as read back from
+    memory (int32, in ``slot_row``'s first half, between two barriers, before the slots overwrite
+    them), not from ``keep``: torch's TTIR analysis of the arguments a kernel writes (under
+    ``torch.compile`` each one is cloned before every launch) follows a store's address back through
+    every operation but loads, and a device function's result to all of its arguments, so addresses
+    computed from ``keep = topk_row(score_row, ...)`` would count the scores as written. The round
+    trip is one dependent (cached) load per image.
+    """
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
     slot = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    if WRITE_KEPT or WRITE_REST:
+        count_row = slot_row.to(tl.pointer_type(tl.int32))
+        tl.store(count_row + offs, slot, mask=valid)
+        tl.debug_barrier()
+        slot = tl.load(count_row + offs, mask=valid, other=0)
+        tl.debug_barrier()  # every thread of the program has read its slots before they are overwritten
     tl.store(slot_row + offs, tl.where(keep, slot, DROP_SLOT).to(tl.int64), mask=valid)
     if WRITE_KEPT:
         tl.store(kept_row + slot, offs.to(tl.int64), mask=keep)
@@ -171,7 +186,7 @@ def _select_topk_kernel(
     token order), ``DROP_SLOT`` for the others; with ``WRITE_KEPT``, ``kept[b, s]`` (``[B, P + K]``):
     the position of slot ``s``; with ``WRITE_REST``, ``rest[b, t]`` (``[B, N - P - K]``): the dropped
     positions, ascending (:func:`write_selection`). Memory traffic: ``4 N`` bytes read, ``8 N``
-    (+ ``8 N``) written.
+    (+ ``8 N``) written (with ``kept`` or ``rest``, ``4 N`` more written and read back, cached).
     """
     pid_b = tl.program_id(0).to(tl.int64)
     keep = topk_row(scores_ptr + pid_b * stride_sb, stride_sn, N, P, K, NAN_LAST, RADIX_BITS, BLOCK_N,

@@ -6,8 +6,9 @@ position maps; gradients agree in training mode; ``torch.export`` succeeds and t
 matches eager. The MSTM Triton operators (``torch.ops.fastprune.mstm_*_triton``) compile, export and
 pass ``torch.library.opcheck`` (run by the Triton interpreter, where they are opaque custom ops), and a
 subprocess without the interpreter checks that their ``triton_op`` form hands the Triton kernels
-themselves to the compiler. With a GPU, the same model compiles with Inductor on CUDA, is captured in
-a CUDA graph and exports.
+themselves to the compiler, and that torch's analysis of the tensors a kernel writes finds only each
+registered kernel's outputs (an input it counts as written is cloned before every compiled launch).
+With a GPU, the same model compiles with Inductor on CUDA, is captured in a CUDA graph and exports.
 
 Methods covered: every method registered with :mod:`fastprune.patch` (``merge``, ``tome``, ``idle``,
 ``evit`` and ``bat`` when this was written; a newly registered method is picked up by :data:`METHODS`
@@ -22,6 +23,7 @@ autograd, the parts that must not break) and one runs Inductor's C++ backend (de
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 import fastprune
 import fastprune.patch as fp
 from fastprune import _ext
+from fastprune.kernels import aot
 from conftest import DEVICE
 
 #: Options given to ``fastprune.patch.timm`` per method (the model has 17 tokens and 3 blocks).
@@ -290,22 +293,51 @@ def test_triton_operators_opcheck():
                                *flags))
 
 
-_TRITON_OP_PROBE = textwrap.dedent("""
-    import os
+#: Start of the child processes below: compiled (not interpreted) kernels and, without a GPU, a
+#: Triton driver that only names a target, which is all torch needs to generate the kernels' TTIR
+#: (its analysis of the arguments a kernel writes). Only the child's driver is replaced. A child
+#: prints ``SKIP <reason>`` where this torch or Triton lacks what it needs.
+_COMPILE_ONLY_PRELUDE = textwrap.dedent("""
+    import os, sys
     os.environ.pop("TRITON_INTERPRET", None)
     import torch, triton
-    from triton.backends.compiler import GPUTarget
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError as err:
+        print("SKIP", f"triton {triton.__version__}: {err}")
+        sys.exit(0)
 
     if not torch.cuda.is_available():
-        class _CompileOnlyDriver:  # lets torch generate the kernels' TTIR (mutation analysis) without a GPU
+        class _CompileOnlyDriver:
             def get_current_target(self):
                 return GPUTarget("cuda", 90, 32)
             def get_active_torch_device(self):
                 return torch.device("cpu")
             def is_active(self):
                 return True
-        triton.runtime.driver.set_active(_CompileOnlyDriver())
+        if hasattr(triton.runtime.driver, "set_active"):
+            triton.runtime.driver.set_active(_CompileOnlyDriver())
+        else:
+            triton.runtime.driver._active = _CompileOnlyDriver()
+""")
 
+
+def _run_compile_only(script: str) -> list[str]:
+    """The output lines of ``script`` run after :data:`_COMPILE_ONLY_PRELUDE` in a child Python without
+    the interpreter; the test is skipped where the child says ``SKIP``."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_ONLY_PRELUDE + script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    skip = [line for line in lines if line.startswith("SKIP ")]
+    if skip:
+        pytest.skip(skip[0][len("SKIP "):])
+    return lines
+
+
+_TRITON_OP_PROBE = textwrap.dedent("""
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from fastprune.kernels import merge as merge_kernels
@@ -352,19 +384,116 @@ _TRITON_OP_PROBE = textwrap.dedent("""
 def test_triton_op_form_hands_the_kernels_to_the_compiler():
     """Without the interpreter the operators are ``triton_op`` s: AOT autograd (what Inductor consumes)
     sees the Triton launches themselves, and they write only the operators' own outputs."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _TRITON_OP_PROBE], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    launches = [line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("KERNEL ")]
-    # the fused selection + matching passes scores_ptr into device functions that torch's TTIR
-    # analysis does not see through, so it counts it as written (a clone of [B, N] scores under compile)
+    launches = [line.split(" ", 2)[1:] for line in _run_compile_only(_TRITON_OP_PROBE) if line.startswith("KERNEL ")]
     assert launches == [
-        ["_mstm_select_match_kernel", "['plan_ptr', 'scores_ptr']"],
+        ["_mstm_select_match_kernel", "['plan_ptr']"],  # not the scores (test_kernels_write_only_their_outputs)
         ["_weighted_merge_kernel", "['out_ptr', 'size_out_ptr', 'wsum_ptr']"],
         ["_weighted_merge_backward_kernel", "['grad_scores_ptr']"],  # only the gradient asked for
     ]
+
+
+def _outputs(always=(), **when):
+    """The arguments a launch writes: ``always``, and each keyword's argument when the launch's
+    constexpr flag it names is set."""
+    return lambda consts: sorted({*always, *(arg for arg, flag in when.items() if consts[flag])})
+
+
+#: The tensors each kernel really writes (its outputs; ToMe's also its scratch rows), by kernel, as a
+#: function of the launch's constexprs. The operators' kernels (``wrap_triton``: MSTM's) and the
+#: raw launches alike: Dynamo hands both to the same analysis.
+KERNEL_OUTPUTS = {
+    "_mstm_select_match_kernel": _outputs(["plan_ptr"]),
+    "_weighted_merge_kernel": _outputs(["out_ptr", "size_out_ptr", "wsum_ptr"]),
+    "_weighted_merge_backward_kernel": _outputs(grad_x_ptr="NEED_GX", grad_scores_ptr="NEED_GSCORES",
+                                                grad_size_ptr="NEED_GSIZE"),
+    "_select_topk_kernel": _outputs(["slot_ptr"], kept_ptr="WRITE_KEPT", rest_ptr="WRITE_REST"),
+    "_cosine_match_kernel": _outputs(["best_ptr", "partner_ptr"], map_ptr="WRITE_MAP"),
+    "_tome_match_select_kernel": _outputs(["score_ptr", "partner_ptr", "plan_ptr"]),
+    "_evit_fwd_kernel": _outputs(["out_ptr", "size_out_ptr", "wsum_ptr"]),
+    "_evit_bwd_kernel": _outputs(grad_x_ptr="NEED_GX", grad_part_ptr="NEED_GA"),
+    "_bat_match_kernel": _outputs(["index_ptr"]),
+    "_bat_cluster_kernel": _outputs(["index_ptr"]),
+    "_cls_logit_kernel": _outputs(["out_ptr"]),
+    "_gather_rows_kernel": _outputs(["dst_ptr"]),
+    "_scatter_rows_kernel": _outputs(["out_ptr"]),
+    "_cut_loss_fwd_kernel": _outputs(["inter_ptr", "intra_ptr", "lse_ptr"]),
+    "_cut_loss_bwd_kernel": _outputs(["dt_ptr"]),
+}
+
+_WRITES_PROBE = textwrap.dedent("""
+    import json, logging
+    from torch._higher_order_ops import triton_kernel_wrap
+    from fastprune.kernels import aot
+
+    if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):  # torch 2.14
+        def written_by(kernel, args):
+            accesses = triton_kernel_wrap.identify_accessed_tensors(kernel, args, {})
+            return [dep.name for dep in accesses.read_writes.writes]
+    elif hasattr(triton_kernel_wrap, "identify_mutated_tensors"):  # torch 2.11
+        def written_by(kernel, args):
+            return list(triton_kernel_wrap.identify_mutated_tensors(kernel, args, {}))
+    else:
+        print("SKIP", f"torch {torch.__version__} has no TTIR write analysis")
+        sys.exit(0)
+
+    DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "i64": torch.int64,
+              "i32": torch.int32}
+
+    def launch_args(spec):
+        args = dict(spec.constexprs)
+        for name, ty in spec.signature.items():
+            args[name] = (torch.empty(16, dtype=DTYPES[ty[1:]]) if ty.startswith("*")
+                          else 2.0 if ty.startswith("fp") else 16)
+        return args
+
+    specs = aot.registered_specs(jit_specialized=False)
+    try:  # a torch or Triton whose API differs (the analysis itself would only log the error)
+        triton_kernel_wrap.generate_ttir(specs[0].kernel, launch_args(specs[0]), {})
+        written_by(specs[0].kernel, launch_args(specs[0]))
+    except Exception as err:
+        print("SKIP", f"torch {torch.__version__}, triton {triton.__version__}: {type(err).__name__}: {err}")
+        sys.exit(0)
+
+    class Failures(logging.Handler):  # the analysis logs its failures (and then says every tensor is written)
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    failures = Failures()
+    logging.getLogger(triton_kernel_wrap.__name__).addHandler(failures)
+    written = {}
+    for spec in specs:
+        args = launch_args(spec)
+        names = [name for name in written_by(spec.kernel, args) if isinstance(args.get(name), torch.Tensor)]
+        written[spec.name] = "analysis failed: " + "; ".join(failures.messages) if failures.messages else sorted(names)
+        failures.messages.clear()
+    print("WRITES", json.dumps(written))
+""")
+
+
+def test_kernels_write_only_their_outputs():
+    """torch's analysis of the tensors a Triton kernel writes (``identify_accessed_tensors``, in torch
+    2.11 ``identify_mutated_tensors``, on the TTIR before inlining) finds exactly each kernel's outputs,
+    for every launch configuration of the ahead-of-time registry: under ``torch.compile`` each
+    argument it counts as written is cloned before every launch (functionalization). It follows a
+    store's address back through every operation but loads, and a device function's result to all of
+    its arguments, so an address computed from ``topk_row(scores, ...)`` counted the scores as
+    written; kernels/select.py's ``write_selection`` (and the matching's map) take their addresses
+    from values read back from memory instead. Without a GPU the child generates TTIR for sm_90."""
+    lines = _run_compile_only(_WRITES_PROBE)
+    written = json.loads(next(line for line in lines if line.startswith("WRITES "))[len("WRITES "):])
+    specs = aot.registered_specs(jit_specialized=False)
+    assert sorted(written) == sorted(spec.name for spec in specs)
+    wrong = {}
+    for spec in specs:
+        kernel = getattr(spec.kernel, "fn", spec.kernel).__name__
+        assert kernel in KERNEL_OUTPUTS, f"{kernel} ({spec.name}): add the arguments it writes to KERNEL_OUTPUTS"
+        want = KERNEL_OUTPUTS[kernel](spec.constexprs)
+        if written[spec.name] != want:
+            wrong[spec.name] = f"writes {written[spec.name]}, want {want}"
+    assert not wrong, "\n".join(f"{name}: {why}" for name, why in wrong.items())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,6 +96,24 @@ def test_largest_row_strided_and_half_scores():
     check(wide, 10, 1)
 
 
+@pytest.mark.parametrize("kept,rest", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("N,p,k", [(13, 1, 8), (300, 2, 100)])  # by ranks, by the radix search
+def test_every_choice_of_lists(kept, rest, N, p, k):
+    """The slots, and the position lists asked for, whichever are written: with a list, the slots
+    make a round trip through the slot row (int32) before the final slots overwrite it."""
+    scores = torch.randn(2, N, device=DEVICE).round(decimals=1)
+    got = select_topk_triton(scores, k, p, drop_slot=p + k, kept=kept, rest=rest)
+    keep, slot = reference_slots(scores, k, p, drop_slot=p + k)
+    assert torch.equal(got.slot, slot)
+    positions = torch.arange(N, device=DEVICE)
+    assert (got.kept is None) != kept and (got.rest is None) != rest
+    for b in range(2):
+        if kept:
+            assert got.kept[b].tolist() == positions[keep[b]].tolist()
+        if rest:
+            assert got.rest[b].tolist() == positions[~keep[b]].tolist()
+
+
 @pytest.mark.parametrize("k,p,N", [(-1, 1, 8), (8, 1, 8), (0, 9, 8), (1, 1, MAX_TOKENS + 1)])
 def test_bad_arguments_raise(k, p, N):
     with pytest.raises(ValueError):
