@@ -126,7 +126,9 @@ def mstm_select_match_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
         "MSTM select + match (one program per image)", f"mstm_select_match[{_tag(dtype)},N={N},r={r},Cm={CM}]",
         min_bytes=B * (N * 4 + (N - p) * CM * elt + (2 * N + r) * 8),
         useful_flops=B * 2 * r * K * CM, written_flops=B * (mflops + sel_ops), tensor_cores=True,
-        programs=B, serial_steps_reduction=sel_red + m_red, serial_steps_load=sel_load + 1 + m_load,
+        # + write_selection's round trip through memory (two barriers, one reload of the slots) and the
+        # barrier before the matching
+        programs=B, serial_steps_reduction=sel_red + 2 + m_red, serial_steps_load=sel_load + 1 + 1 + m_load,
         num_warps=warps, tc_flops=B * mflops, tc_rate=0.5 if dtype == torch.float32 else 1.0,
         serial_ops=sel_serial)
 
