@@ -17,8 +17,9 @@ whole score row in registers.
 
 Device functions (``@triton.jit``, callable from other kernels): :func:`order_keys`,
 :func:`kth_largest`, :func:`topk_mask` (a register vector of keys), :func:`rank_topk_row` (a short
-row in memory, by ranks), :func:`topk_row` (a score row in memory) and :func:`write_selection` (slots, kept and dropped positions); MSTM's fused select+match
-kernel (``kernels/merge.py``) is built from them. Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
+row in memory, by ranks), :func:`topk_row` (a score row in memory) and :func:`write_selection`
+(slots, kept and dropped positions); MSTM's fused select+match kernel (``kernels/merge.py``) is built
+from them. Launch: :func:`_select_topk_kernel` through :func:`select_topk_triton`.
 """
 from __future__ import annotations
 
