@@ -95,6 +95,21 @@ class KernelSpec:
                                    attrs=attrs)
 
 
+def runtime_signature(kernel, constexprs: dict, **types: str) -> dict:
+    """:attr:`KernelSpec.signature` of ``kernel``: the Triton type of each runtime argument, in the
+    kernel's order: ``types[name]`` for those given (pointers: ``"*fp16"``, ``"*i64"``...), ``"i32"``
+    for the others (sizes, strides); arguments in ``constexprs`` are left out.
+
+    Raises:
+        ValueError: a name in ``types`` that is not an argument of ``kernel``.
+    """
+    names = list(kernel.arg_names)
+    unknown = sorted(set(types) - set(names))
+    if unknown:
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)!r} has no arguments {unknown}")
+    return {name: types.get(name, "i32") for name in names if name not in constexprs}
+
+
 _REGISTRY: list[Union[KernelSpec, Callable[[], Iterable[KernelSpec]]]] = []
 
 

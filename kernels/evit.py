@@ -31,8 +31,9 @@ import triton.language as tl
 from fastprune.reference import WEIGHT_EPS, Merged
 
 from . import check_triton_device
-from .aot import KernelSpec, register
+from .aot import KernelSpec, register, runtime_signature
 from .select import select_topk_triton
+from .weighted_merge import PTR
 
 __all__ = ["evit_triton", "EViTFunction"]
 
@@ -286,9 +287,6 @@ def evit_triton(x: torch.Tensor, scores: torch.Tensor, K: int, size: Optional[to
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (see kernels/aot.py): ViT shapes, every storage dtype
 # ----------------------------------------------------------------------------------------------------
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def _aot_specs() -> list[KernelSpec]:
     """Both kernels at the launch configurations ViT shapes use, each storage dtype and form at least once
     (the dtype only changes conversions on load and store; fewer specs keep the compile test short)."""
@@ -299,27 +297,20 @@ def _aot_specs() -> list[KernelSpec]:
     # ViT-Ti/16 at 224 px and ViT-B/16 at 384 px.
     for dtype, N, C, normalize in ((torch.float32, 197, 192, False), (torch.float16, 577, 768, True),
                                    (torch.bfloat16, 197, 192, True)):
-        t = _PTR[dtype]
+        t = PTR[dtype]
         consts, warps = _fwd_config(C, normalize)
         specs.append(KernelSpec(
             f"evit_fwd[{tag(dtype)},N={N},C={C},{'normalized' if normalize else 'paper'}]", _evit_fwd_kernel,
-            dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-                 index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
-                 N="i32", C="i32", P="i32", K="i32"),
+            runtime_signature(_evit_fwd_kernel, consts, x_ptr=t, scores_ptr="*fp32", size_ptr="*fp32",
+                              index_ptr="*i64", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32"),
             consts, warps))
     for dtype, normalize in ((torch.float32, True), (torch.bfloat16, False)):
-        t = _PTR[dtype]
+        t = PTR[dtype]
         consts, warps = _bwd_config(768, normalize, True, True)
         specs.append(KernelSpec(
             f"evit_bwd[{tag(dtype)},{'normalized' if normalize else 'paper'}]", _evit_bwd_kernel,
-            dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
-                 x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-                 scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-                 out_ptr=t, index_ptr="*i64", wsum_ptr="*fp32",
-                 grad_x_ptr=t, grad_part_ptr="*fp32",
-                 N="i32", C="i32", P="i32", K="i32", NUM_CB="i32"),
+            runtime_signature(_evit_bwd_kernel, consts, grad_out_ptr=t, x_ptr=t, scores_ptr="*fp32", out_ptr=t,
+                              index_ptr="*i64", wsum_ptr="*fp32", grad_x_ptr=t, grad_part_ptr="*fp32"),
             consts, warps))
     return specs
 

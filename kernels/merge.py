@@ -177,7 +177,8 @@ def _weighted_merge_op(x: torch.Tensor, scores: torch.Tensor, size: Optional[tor
     -> ``(x' [B, N - r, C] in x's dtype, size' [B, N - r] fp32, W [B, N - r] fp32)``, ``W`` the merge
     weight totals (saved for the backward). ``index``: the selection's plan ``[B, 2 N + r]`` (the
     gather reads its compact lists) or an index map ``[B, N]`` int64 (``index[b, i]`` in ``[0, N - r)``
-    is the output token input token ``i`` goes to; the gather scans it). Differentiable with respect to ``x``, ``scores`` (``size_attn``) and ``size``.
+    is the output token input token ``i`` goes to; the gather scans it). Differentiable with respect
+    to ``x``, ``scores`` (``size_attn``) and ``size``.
     """
     return weighted_merge(x, scores, size, index.contiguous(), x.shape[1] - r, size_attn, traceable=True)
 

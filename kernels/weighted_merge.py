@@ -35,7 +35,7 @@ import triton.language as tl
 from fastprune.reference import WEIGHT_EPS
 
 from . import interpreting
-from .aot import KernelSpec
+from .aot import KernelSpec, runtime_signature
 
 __all__ = ["weighted_merge", "weighted_merge_backward", "merge_spec", "backward_spec", "wrap_triton",
            "KERNELS_TRACEABLE", "PTR"]
@@ -332,8 +332,9 @@ def weighted_merge(x: torch.Tensor, scores: Optional[torch.Tensor], size: Option
     selection: the index map, then the compact lists the gather reads instead of scanning the map
     (the own token of every output row, the ``R`` tokens merged into other rows in increasing
     position, and those tokens' output rows; every input token is either some row's own token or
-    merged). MSTM and ToMe pass plans, BAT (clusters: rows without an own token) an index map. ``traceable=True`` launches through :func:`wrap_triton` (inside a ``triton_op``);
-    False launches the kernel directly, for eager callers outside an operator (autograd Functions).
+    merged). MSTM and ToMe pass plans, BAT (clusters: rows without an own token) an index map.
+    ``traceable=True`` launches through :func:`wrap_triton` (inside a ``triton_op``); False launches
+    the kernel directly, for eager callers outside an operator (autograd Functions).
     """
     B, N, C = x.shape
     R = None if index.shape[1] == N else (index.shape[1] - N - n_out) // 2
@@ -398,14 +399,9 @@ def merge_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool, N
     plan of ``R`` merged tokens (None: an index map)."""
     t = PTR[dtype]
     consts, warps = merge_config(N, C, has_size, size_attn, R)
-    return KernelSpec(
-        name, _weighted_merge_kernel,
-        dict(x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-             scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-             size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-             index_ptr="*i64", index_stride="i32", out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32",
-             N="i32", C="i32", S="i32", R="i32"),
-        consts, warps)
+    return KernelSpec(name, _weighted_merge_kernel, runtime_signature(
+        _weighted_merge_kernel, consts, x_ptr=t, scores_ptr="*fp32", size_ptr="*fp32", index_ptr="*i64",
+        out_ptr=t, size_out_ptr="*fp32", wsum_ptr="*fp32"), consts, warps)
 
 
 def backward_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool, need_gx: bool = True,
@@ -413,14 +409,7 @@ def backward_spec(name: str, dtype: torch.dtype, has_size: bool, size_attn: bool
     """The backward kernel as :func:`weighted_merge_backward` launches it."""
     t = PTR[dtype]
     consts, warps = backward_config(has_size, size_attn, need_gx, need_gscores, need_gsize)
-    return KernelSpec(
-        name, _weighted_merge_backward_kernel,
-        dict(grad_out_ptr=t, stride_gb="i32", stride_gn="i32", stride_gc="i32",
-             grad_size_out_ptr="*fp32", stride_hb="i32", stride_hn="i32",
-             x_ptr=t, stride_xb="i32", stride_xn="i32", stride_xc="i32",
-             out_ptr=t, index_ptr="*i64", index_stride="i32", wsum_ptr="*fp32",
-             scores_ptr="*fp32", stride_sb="i32", stride_sn="i32",
-             size_ptr="*fp32", stride_zb="i32", stride_zn="i32",
-             grad_x_ptr=t, grad_scores_ptr="*fp32", grad_size_ptr="*fp32",
-             N="i32", C="i32", S="i32"),
-        consts, warps)
+    return KernelSpec(name, _weighted_merge_backward_kernel, runtime_signature(
+        _weighted_merge_backward_kernel, consts, grad_out_ptr=t, grad_size_out_ptr="*fp32", x_ptr=t, out_ptr=t,
+        index_ptr="*i64", wsum_ptr="*fp32", scores_ptr="*fp32", size_ptr="*fp32", grad_x_ptr=t,
+        grad_scores_ptr="*fp32", grad_size_ptr="*fp32"), consts, warps)

@@ -78,6 +78,18 @@ def test_jit_specialisation_fixes_inner_strides_and_alignment():
     assert "stride_sb" not in divisible and "N" not in divisible
 
 
+def test_runtime_signature_follows_the_kernel():
+    from fastprune.kernels.weighted_merge import _weighted_merge_kernel, merge_config
+
+    consts, _ = merge_config(197, 768, True, True, 13)
+    sig = aot.runtime_signature(_weighted_merge_kernel, consts, x_ptr="*bf16", out_ptr="*bf16")
+    runtime = [n for n in _weighted_merge_kernel.arg_names if n not in consts]
+    assert list(sig) == runtime  # the kernel's order, constexprs left out
+    assert sig["x_ptr"] == "*bf16" and sig["N"] == "i32" and sig["stride_xc"] == "i32"
+    with pytest.raises(ValueError, match="x_pointer"):
+        aot.runtime_signature(_weighted_merge_kernel, consts, x_pointer="*bf16")
+
+
 def test_local_memory_in_loops_reads_sass():
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
