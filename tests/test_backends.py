@@ -13,22 +13,21 @@ def _inputs(B=2, N=9, C=4):
 
 @pytest.mark.parametrize("backend", ["cpp", "cuda"])
 def test_methods_without_compiled_kernels_refuse_cpp_and_cuda(backend):
-    x, a = _inputs()
-    with pytest.raises(ValueError, match="backend must be one of"):
-        evit.evit_tokens(x, a, 0.5, backend=backend)
+    _, a = _inputs()
     with pytest.raises(ValueError, match="backend must be one of"):
         idle.select_tokens(a, 3, backend=backend)
 
 
-def test_tome_and_bat_have_cpp_on_cpu_only():
-    """ToMe and BAT have C++ kernels for CPU tensors: "cpp" is accepted there, "cuda" never."""
+def test_tome_bat_and_evit_have_cpp_on_cpu_only():
+    """ToMe, BAT and EViT have C++ kernels for CPU tensors: "cpp" is accepted there, "cuda" never."""
     x, a = _inputs()
-    for call in (lambda b: bat.bat_tokens(x, a, 0.5, backend=b), lambda b: tome.tome_merge_tokens(x, 2, backend=b)):
+    for call in (lambda b: bat.bat_tokens(x, a, 0.5, backend=b), lambda b: tome.tome_merge_tokens(x, 2, backend=b),
+                 lambda b: evit.evit_tokens(x, a, 0.5, backend=b)):
         with pytest.raises(ValueError, match="backend must be one of"):
             call("cuda")
         if fastprune._ext.available():
             call("cpp")
-    assert tome.BACKENDS == bat.BACKENDS == backends.CPU_CPP_BACKENDS
+    assert tome.BACKENDS == bat.BACKENDS == evit.BACKENDS == backends.CPU_CPP_BACKENDS
     with pytest.raises(ValueError, match="CPU tensors only"):
         backends.resolve_backend("cpp", x.to("meta"), backends.CPU_CPP_BACKENDS)
     assert backends.resolve_backend("cpp", x.to("meta"), backends.BACKENDS) == "cpp"  # MSTM has CUDA C++

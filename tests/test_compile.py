@@ -409,8 +409,6 @@ KERNEL_OUTPUTS = {
     "_select_topk_kernel": _outputs(["slot_ptr"], kept_ptr="WRITE_KEPT", rest_ptr="WRITE_REST"),
     "_cosine_match_kernel": _outputs(["best_ptr", "partner_ptr"], map_ptr="WRITE_MAP"),
     "_tome_match_select_kernel": _outputs(["score_ptr", "partner_ptr", "plan_ptr"]),
-    "_evit_fwd_kernel": _outputs(["out_ptr", "size_out_ptr", "wsum_ptr"]),
-    "_evit_bwd_kernel": _outputs(grad_x_ptr="NEED_GX", grad_part_ptr="NEED_GA"),
     "_bat_match_kernel": _outputs(["index_ptr"]),
     "_bat_cluster_kernel": _outputs(["index_ptr"]),
     "_cls_logit_kernel": _outputs(["out_ptr"]),

@@ -9,8 +9,12 @@ from timm.models.vision_transformer import VisionTransformer
 import fastprune
 import fastprune.patch as fpatch
 from conftest import DEVICE
+from fastprune import _ext
 from fastprune.evit import evit, evit_reference, evit_tokens, kept_count, parse_layers
 from fastprune.kernels import aot
+
+#: The compiled backends: the Triton kernels (interpreted on CPU) and, when built, the C++ weighted merge.
+COMPILED = ["triton"] + (["cpp"] if _ext.available() and DEVICE == "cpu" else [])
 
 #: (dtype, atol, rtol) of tokens and of the gradients.
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 1.6e-2, 1.6e-2)]
@@ -80,7 +84,7 @@ def test_reference_gradcheck_float64(normalize):
         lambda x, s: evit_reference(x, s, 0.5, num_prefix_tokens=1, normalize=normalize).x, (x, scores))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *COMPILED])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_half_precision_does_not_overflow(backend, normalize):
     x = torch.full((1, 9, 8), 60000.0, dtype=torch.float16, device=DEVICE)
@@ -94,15 +98,16 @@ def test_half_precision_does_not_overflow(backend, normalize):
 # ----------------------------------------------------------------------------------------------------
 # The fused kernels against the reference (interpreter on CPU)
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("B,N,C,p,keep_rate", SHAPES)
-def test_kernel_matches_reference(B, N, C, p, keep_rate, dtype, atol, rtol, normalize):
+def test_kernel_matches_reference(B, N, C, p, keep_rate, dtype, atol, rtol, normalize, backend):
     x, attn, size = _inputs(B, N, C, dtype)
     x.requires_grad_()
     attn.requires_grad_()
     kwargs = dict(size=size, num_prefix_tokens=p, normalize=normalize)
-    got = evit_tokens(x, attn, keep_rate, backend="triton", **kwargs)
+    got = evit_tokens(x, attn, keep_rate, backend=backend, **kwargs)
     want = evit_tokens(x, attn, keep_rate, backend="reference", **kwargs)
 
     K = kept_count(N, p, keep_rate)
@@ -124,10 +129,11 @@ def test_kernel_matches_reference(B, N, C, p, keep_rate, dtype, atol, rtol, norm
     assert wa[~kept].abs().sum() > 0 and ga[kept].abs().sum() == 0  # only the fused weights get gradients
 
 
-def test_kernel_takes_strided_tokens_and_attention_forms():
+@pytest.mark.parametrize("backend", COMPILED)
+def test_kernel_takes_strided_tokens_and_attention_forms(backend):
     x = torch.randn(2, 24, 11, device=DEVICE).transpose(1, 2)  # [2, 11, 24], not contiguous
     attn = torch.rand(2, 3, 11, device=DEVICE).softmax(-1)  # [B, H, N]: averaged over heads
-    got = evit_tokens(x, attn, 0.6, backend="triton")
+    got = evit_tokens(x, attn, 0.6, backend=backend)
     want = evit_tokens(x, attn, 0.6, backend="reference")
     assert torch.equal(got.index, want.index)
     torch.testing.assert_close(got.x, want.x)
@@ -160,7 +166,7 @@ def test_bad_arguments_raise(kwargs, error, match):
 
 def test_kernels_are_registered_for_ahead_of_time_compilation():
     names = [s.name for s in aot.registered_specs()]
-    assert any(n.startswith("evit_fwd[") for n in names) and any(n.startswith("evit_bwd[") for n in names)
+    assert any(n.startswith("evit_merge[") for n in names) and any(n.startswith("evit_merge_backward[") for n in names)
     for dtype in ("float32", "float16", "bfloat16"):
         assert any(n.startswith("evit_") and dtype in n for n in names)
 
