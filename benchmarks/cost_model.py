@@ -105,10 +105,20 @@ def _match_work(S: int, M: int, CM: int, dtype: torch.dtype, consts: dict, range
     :func:`cosine_argmax` over ``S`` sources in tiles of ``BLOCK_I`` (one after the other in the
     image's program) against ``M`` candidates in tiles of ``BLOCK_J``: per candidate tile a running
     max/argmax (2 reductions) and the candidate rows' load, after their positions' load for lists
-    (ranges: positions are arithmetic); per source tile its rows' load and the results' store."""
+    (ranges: positions are arithmetic); per source tile its rows' load and the results' store.
+
+    ``ONE_TILE`` (ToMe at ViT/16 224 px: :func:`cosine_argmax_tile`): one source tile, ``J_TILES``
+    unrolled candidate tiles (ranges); per candidate tile one max-with-index reduction and its rows'
+    load, which the compiled code issues after the previous tile's product and, in one channel chunk,
+    after the sources' rows (loaded first, once) are used for their norms: ``1 + J_TILES`` loads in
+    sequence (in chunks, each tile loads the sources' chunks with its own: ``J_TILES``); no store
+    (the caller's)."""
     bi, bj = consts["BLOCK_I"], consts["BLOCK_J"]
-    tiles_i, tiles_j = math.ceil(S / bi), math.ceil(M / bj)
     passes = 3 if dtype == torch.float32 else 1  # TF32x3: three tensor-core products
+    if consts.get("ONE_TILE"):
+        tiles_j = consts["J_TILES"]
+        return tiles_j * bi * bj * CM * 2 * passes, tiles_j, int(consts["SINGLE_CHUNK"]) + tiles_j
+    tiles_i, tiles_j = math.ceil(S / bi), math.ceil(M / bj)
     written = tiles_i * tiles_j * bi * bj * CM * 2 * passes
     return written, tiles_i * 2 * tiles_j, tiles_i * ((1 if ranges else 2) * tiles_j + 2)
 
@@ -135,14 +145,25 @@ def mstm_select_match_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
 
 def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype, elt: int, p: int = 1) -> Launch:
     """kernels/tome.py's fused launch, one program per image: the A-vs-B cosine matching (ranges,
-    tensor cores), then the top-r of the A tokens' best scores and the merge plan."""
+    tensor cores), then the top-r of the A tokens' best scores and the merge plan.
+
+    ``ONE_TILE`` (up to 257 tokens), all in registers: the matching (:func:`_match_work`), the rank
+    top-k of the best scores (one ``[BLOCK_I, BLOCK_I]`` comparison tile, 3 operations per pair, one
+    reduction), the cumsum of the merged flags, the lists' inverse (a second such tile and reduction),
+    then the plan's stores (one latency; the scratch rows are stored with them, never read back).
+    Otherwise: the matching over source tiles, the scratch rows' store, a barrier and the top-k of the
+    row read back (:func:`_select_work`)."""
     from fastprune.kernels.tome import match_select_config
 
     NA, NB = (N + 1) // 2, N // 2
     NS, M = NA - (p + 1) // 2, NB - p // 2
     consts, warps = match_select_config(N, p, CM, dtype)
-    sel_ops, sel_red, sel_load, sel_serial = _select_work((p + 1) // 2, NA, consts, "BLOCK_NA")
     mflops, m_red, m_load = _match_work(NS, M, CM, dtype, consts, ranges=True)
+    if consts["ONE_TILE"]:
+        tile_ops = 2 * 3 * consts["BLOCK_I"] ** 2  # the rank tile and the lists' inverse tile
+        sel_ops, sel_red, sel_load, sel_serial = tile_ops + 4 * consts["BLOCK_I"], 3, 1, tile_ops
+    else:
+        sel_ops, sel_red, sel_load, sel_serial = _select_work((p + 1) // 2, NA, consts, "BLOCK_NA")
     return Launch(
         "ToMe match + select (one program per image)", f"tome_match_select[{_tag(dtype)},N={N},Cm={CM}]",
         min_bytes=B * ((N - p) * CM * elt + (2 * N + r) * 8),

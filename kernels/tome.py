@@ -19,13 +19,16 @@ Forward = two launches, no host synchronisation, no sort, no atomics, and no ``[
 similarity matrix in global memory:
 
 * :func:`_tome_match_select_kernel` (grid ``(B,)``, one program per image): the cosine matching
-  (``kernels/match.py``'s device function, tensor cores) of the non-prefix A tokens, up to 128 at a
-  time, against the non-prefix B tokens with a running argmax; then the top-``r`` A tokens
-  (``kernels/select.py``'s top-k device functions, once per image, ties to the lower index) and the
-  output order, stored as the merge plan: the index map ``[B, N]`` followed by compact lists (each
-  output row's own token, the merged A tokens and their destinations). Near-ties (similarities
-  closer than :func:`fastprune.kernels.match.near_tie_eps`) may resolve otherwise than the float64
-  reference; exact ties go to the lower B index.
+  (``kernels/match.py``'s device functions, tensor cores) of the non-prefix A tokens against the
+  non-prefix B tokens, then the top-``r`` A tokens (``kernels/select.py``'s top-k device functions,
+  once per image, ties to the lower index) and the output order, stored as the merge plan: the index
+  map ``[B, N]`` followed by compact lists (each output row's own token, the merged A tokens and
+  their destinations). Up to 257 tokens (ViT/16 at 224 px: 98 A x 98 B) the chain stays in
+  registers: one source tile against unrolled candidate tiles, the rank top-k of the best scores,
+  one cumsum, the lists gathered by an inverse in registers, the plan's stores. Longer inputs
+  match 128 (64) sources at a time with a running argmax, through scratch rows and a barrier.
+  Near-ties (similarities closer than :func:`fastprune.kernels.match.near_tie_eps`) may resolve
+  otherwise than the float64 reference; exact ties go to the lower B index.
 * the size-weighted merge from the plan's lists: ``kernels/weighted_merge.py``, the one weighted
   merge of every method (a gather: each output row reads its own token and the A tokens merged
   into it, no scan of the index map).
@@ -47,8 +50,8 @@ from fastprune.reference import Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
-from .match import compiled_match_config, cosine_argmax, match_config
-from .select import order_keys, radix_bits, rank_chunk, rank_topk_row, topk_mask
+from .match import compiled_match_config, cosine_argmax, cosine_argmax_tile, match_config
+from .select import order_keys, radix_bits, rank_chunk, rank_topk, rank_topk_row, topk_mask
 from .weighted_merge import PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
 __all__ = ["tome_merge_triton", "ToMeMergeFunction"]
@@ -63,88 +66,140 @@ def _tome_match_select_kernel(
         N, NA, NB, P, R, CM,
         BLOCK_NA: tl.constexpr, RADIX_BITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
-        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr):
+        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr, ONE_TILE: tl.constexpr, J_TILES: tl.constexpr):
     """Bipartite matching, top-``r`` selection and the output order of one image (grid ``(B,)``).
 
-    1. matching (``kernels/match.py``'s :func:`~fastprune.kernels.match.cosine_argmax`, tensor cores):
-       the ``NS = NA - A0`` non-prefix A tokens (``A0 = (P + 1) // 2``), ``BLOCK_I`` at a time, against
-       the non-prefix B tokens, as position ranges; the best similarity and partner (index among the
-       non-prefix B tokens) of each go to the scratch rows ``score[b]``, ``partner[b]`` (``[B, NS]``);
-    2. a barrier, then the top-``R`` of those scores, ties to the lower index (``kernels/select.py``'s
-       :func:`~fastprune.kernels.select.rank_topk_row` for ``BLOCK_NA <= 256`` (``RANK_CHUNK > 0``: one
-       reduction), else :func:`~fastprune.kernels.select.topk_mask`; once per image: no sort, no host sync);
-    3. output slots: prefix tokens keep their position; unmerged A tokens follow in order
-       (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + n_unmerged + j``; a merged
-       A token maps to its partner's slot. Stores the merge plan ``plan[b]`` (``[B, 2 N + R]`` int64):
-       the index map, the own token of every output row, the merged A tokens (ascending) and their
-       slots (``kernels/weighted_merge.py`` gathers from these lists).
+    The ``NS = NA - A0`` non-prefix A tokens (``A0 = (P + 1) // 2``) are matched against the
+    ``M = NB - P // 2`` non-prefix B tokens (position ranges); the best similarity and partner (index
+    among the non-prefix B tokens) of each are written to the scratch rows ``score[b]``,
+    ``partner[b]`` (``[B, NS]``). Output slots: prefix tokens keep their position; unmerged A tokens
+    follow in order (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + NS - R + j``;
+    a merged A token maps to its partner's slot. Stored as the merge plan ``plan[b]`` (``[B, 2 N + R]``
+    int64): the index map, the own token of every output row, the merged A tokens (ascending) and
+    their slots (``kernels/weighted_merge.py`` gathers from these lists).
 
-    Memory traffic: the metric of the ``N - P`` non-prefix tokens once (the B tokens re-read from L2
-    by later A tiles), ``8 NS`` bytes of scratch written and read back, ``8 (2 N + R)`` bytes written.
+    ``ONE_TILE`` (``NS <= BLOCK_I`` and ``M <= J_TILES * BLOCK_J``: ViT/16 at 224 px, 98 x 98): the
+    chain stays in registers. :func:`~fastprune.kernels.match.cosine_argmax_tile` (one source tile,
+    ``J_TILES`` unrolled candidate tiles, one max-with-index reduction each, no running loop);
+    :func:`~fastprune.kernels.select.rank_topk` of the best scores (one ``[BLOCK_I, BLOCK_I]``
+    comparison and reduction); one cumsum of the merged flags; then the plan's lists gathered in
+    registers: each non-prefix A token's place ``dest`` in them (unmerged ones, then merged ones, each
+    in order) inverted by a second ``[BLOCK_I, BLOCK_I]`` comparison and reduction, so every store's
+    address is arithmetic (contiguous rows, and torch's TTIR write analysis does not trace an address
+    back into the metric through the device functions' results). The scratch rows are still written,
+    off the chain (no barrier, never read back), so both paths write the same arguments.
+
+    Otherwise (longer rows: 577, 2049 tokens): :func:`~fastprune.kernels.match.cosine_argmax` over
+    source tiles of ``BLOCK_I`` with a running argmax over candidate tiles of ``BLOCK_J``, the scratch
+    rows, a barrier, the top-``R`` of the scores read back (:func:`~fastprune.kernels.select.rank_topk_row`
+    for ``BLOCK_NA <= 256`` (``RANK_CHUNK > 0``), else :func:`~fastprune.kernels.select.topk_mask`),
+    the partners read back, and the plan scattered from the slots.
+
+    Memory traffic: the metric of the ``N - P`` non-prefix tokens once (general path: the B tokens
+    re-read from L2 by later A tiles), ``8 NS`` bytes of scratch written (general path: and read
+    back), ``8 (2 N + R)`` bytes written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     A0 = (P + 1) // 2
     NS = NA - A0
     metric_row = metric_ptr + pid_b * metric_stride_b
-    for i0 in range(0, NS, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        valid_i = offs_i < NS
-        best, arg = cosine_argmax(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
-                                  metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION, UPCAST,
-                                  COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
-        tl.store(score_ptr + pid_b * NS + offs_i, best, mask=valid_i)
-        tl.store(partner_ptr + pid_b * NS + offs_i, arg, mask=valid_i)
-    tl.debug_barrier()
-
-    offs = tl.arange(0, BLOCK_NA)
-    valid = offs < NA
-    pos_a = 2 * offs
-    candidate = valid & (offs >= A0)
-    if RANK_CHUNK > 0:  # short rows: by ranks, one reduction
-        merged = rank_topk_row(score_ptr + (pid_b * NS - A0), 1, A0, NA, R, False, BLOCK_NA, RANK_CHUNK)
-    else:
-        s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
-        merged = topk_mask(order_keys(s, candidate, False), R, RADIX_BITS)
-    kept_a = valid & (merged == 0)
-
-    b_base = P + NS - R  # slot of the j-th non-prefix B token is b_base + j
-    partner = tl.load(partner_ptr + pid_b * NS + offs - A0, mask=candidate, other=0)
-    slot_unmerged = P + tl.cumsum((candidate & (merged == 0)).to(tl.int32), axis=0) - 1
-    slot_a = tl.where(pos_a < P, pos_a, tl.where(merged, b_base + partner, slot_unmerged))
-    valid_b = offs < NB
-    pos_b = 2 * offs + 1
-    slot_b = tl.where(pos_b < P, pos_b, b_base + offs - P // 2)
-
     plan = plan_ptr + pid_b * (2 * N + R)
     S = N - R
-    tl.store(plan + pos_a, slot_a.to(tl.int64), mask=valid)
-    tl.store(plan + pos_b, slot_b.to(tl.int64), mask=valid_b)
-    tl.store(plan + N + slot_a, pos_a.to(tl.int64), mask=kept_a)
-    tl.store(plan + N + slot_b, pos_b.to(tl.int64), mask=valid_b)
-    nth = tl.cumsum(merged.to(tl.int32), axis=0) - 1
-    tl.store(plan + N + S + nth, pos_a.to(tl.int64), mask=merged)
-    tl.store(plan + N + S + R + nth, slot_a.to(tl.int64), mask=merged)
+    b_base = P + NS - R  # slot of the j-th non-prefix B token is b_base + j
+    if ONE_TILE:
+        offs_i = tl.arange(0, BLOCK_I)
+        valid_i = offs_i < NS
+        best, arg = cosine_argmax_tile(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
+                                       metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION,
+                                       UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES)
+        tl.store(score_ptr + pid_b * NS + offs_i, best, mask=valid_i)
+        tl.store(partner_ptr + pid_b * NS + offs_i, arg, mask=valid_i)
+        merged = rank_topk(order_keys(best, valid_i, False), R, BLOCK_I)
+        nth = tl.cumsum(merged.to(tl.int32), axis=0) - 1  # among the merged ones
+        slot_i = tl.where(merged, b_base + arg, P + offs_i - nth - 1)
+        tl.store(plan + 2 * A0 + 2 * offs_i, slot_i.to(tl.int64), mask=valid_i)
+        # list entry t (row t of a one-hot [t, i] tile) gets the A token whose dest is t, its index and
+        # partner packed in one int32
+        dest = tl.where(merged, NS - R + nth, offs_i - nth - 1)
+        width = J_TILES * BLOCK_J
+        packed = tl.sum(tl.where((dest[None, :] == offs_i[:, None]) & valid_i[None, :],
+                                 (offs_i * width + arg)[None, :], 0), axis=1)
+        own = (2 * A0 + 2 * (packed // width)).to(tl.int64)
+        kept_t = offs_i < NS - R
+        merged_t = valid_i & (offs_i >= NS - R)
+        tl.store(plan + N + P + offs_i, own, mask=kept_t)
+        tl.store(plan + (N + S - (NS - R)) + offs_i, own, mask=merged_t)
+        tl.store(plan + (N + S + R - (NS - R)) + offs_i, (b_base + packed % width).to(tl.int64), mask=merged_t)
+        pos_a = 2 * tl.arange(0, BLOCK_NA)
+        tl.store(plan + pos_a, pos_a.to(tl.int64), mask=pos_a < P)
+        tl.store(plan + N + pos_a, pos_a.to(tl.int64), mask=pos_a < P)
+    else:
+        for i0 in range(0, NS, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            valid_i = offs_i < NS
+            best, arg = cosine_argmax(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
+                                      metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION,
+                                      UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+            tl.store(score_ptr + pid_b * NS + offs_i, best, mask=valid_i)
+            tl.store(partner_ptr + pid_b * NS + offs_i, arg, mask=valid_i)
+        tl.debug_barrier()
+
+        offs = tl.arange(0, BLOCK_NA)
+        valid = offs < NA
+        pos_a = 2 * offs
+        candidate = valid & (offs >= A0)
+        if RANK_CHUNK > 0:  # short rows: by ranks, one reduction
+            merged = rank_topk_row(score_ptr + (pid_b * NS - A0), 1, A0, NA, R, False, BLOCK_NA, RANK_CHUNK)
+        else:
+            s = tl.load(score_ptr + pid_b * NS + offs - A0, mask=candidate, other=float("-inf"))
+            merged = topk_mask(order_keys(s, candidate, False), R, RADIX_BITS)
+        kept_a = valid & (merged == 0)
+        partner = tl.load(partner_ptr + pid_b * NS + offs - A0, mask=candidate, other=0)
+        slot_unmerged = P + tl.cumsum((candidate & (merged == 0)).to(tl.int32), axis=0) - 1
+        slot_a = tl.where(pos_a < P, pos_a, tl.where(merged, b_base + partner, slot_unmerged))
+        tl.store(plan + pos_a, slot_a.to(tl.int64), mask=valid)
+        tl.store(plan + N + slot_a, pos_a.to(tl.int64), mask=kept_a)
+        nth = tl.cumsum(merged.to(tl.int32), axis=0) - 1
+        tl.store(plan + N + S + nth, pos_a.to(tl.int64), mask=merged)
+        tl.store(plan + N + S + R + nth, slot_a.to(tl.int64), mask=merged)
+    offs_b = tl.arange(0, BLOCK_NA)
+    pos_b = 2 * offs_b + 1
+    slot_b = tl.where(pos_b < P, pos_b, b_base + offs_b - P // 2)
+    tl.store(plan + pos_b, slot_b.to(tl.int64), mask=offs_b < NB)
+    tl.store(plan + N + slot_b, pos_b.to(tl.int64), mask=offs_b < NB)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
 def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: bool = False) -> tuple[dict, int]:
-    """Constants and num_warps of :func:`_tome_match_select_kernel` for ``N`` tokens: ``BLOCK_NA >= NA``
-    (a power of two), the top-r search (ranks for ``BLOCK_NA <= 256``, else the radix search and its
-    width); the matching's tiles of
-    ``kernels/match.py``, with all A tokens of a ViT/16 at 224 px in one tile (up to 128 sources: the
-    per-image chain is one candidate sweep; 32 for float32, whose TF32x3 triples the products' registers),
-    8 warps for tiles of 64 sources or more."""
+    """Constants and num_warps of :func:`_tome_match_select_kernel` for ``N`` tokens.
+
+    ``ONE_TILE`` when the ``NS`` non-prefix A and ``M`` non-prefix B tokens each fit 128 (up to 257
+    tokens: ViT/16 at 224 px): ``BLOCK_I`` covers the A tokens, ``J_TILES`` unrolled candidate tiles
+    of ``BLOCK_J`` (up to 64) the B tokens (powers of two, at least 16 for ``tl.dot``); 8 warps for
+    16-bit metrics, 16 for float32 (TF32x3 triples the products' registers): within 128 registers,
+    no spills, 16 warps resident per SM (a single 128-candidate tile needs ~150 at 8 warps). Otherwise ``kernels/match.py``'s tiles with
+    up to 128 sources per tile (64 beyond 2048 tokens; 32 for float32) and the top-r of the scratch
+    row (ranks for ``BLOCK_NA <= 256``, else the radix search and its width); 8 warps for tiles of 64
+    sources or more, or rows of more than 1024 A tokens, else 4."""
     NA, NB = (N + 1) // 2, N // 2
     NS, M = NA - (p + 1) // 2, NB - p // 2
+    wide = dtype == torch.float32
     block_na = max(16, triton.next_power_of_2(NA))
     consts, _ = (compiled_match_config if compiled else match_config)(NS, M, CM, dtype)
-    block_i = max(16, min(32 if dtype == torch.float32 else 64 if block_na > 1024 else 128,
-                            triton.next_power_of_2(NS)))
-    num_warps = 8 if block_i >= 64 or block_na > 1024 else 4
+    one_tile = max(NS, M) <= 128
+    if one_tile:
+        block_i = max(16, triton.next_power_of_2(NS))
+        block_j = max(16, min(64, triton.next_power_of_2(M)))
+        consts.update(BLOCK_J=block_j)
+        num_warps = 16 if wide and block_i >= 128 else 8 if block_i >= 64 else 4
+    else:
+        block_i = max(16, min(32 if wide else 64 if block_na > 1024 else 128, triton.next_power_of_2(NS)))
+        num_warps = 8 if block_i >= 64 or block_na > 1024 else 4
     consts.update(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps),
-                  RANK_CHUNK=rank_chunk(block_na, num_warps), BLOCK_I=block_i)
+                  RANK_CHUNK=rank_chunk(block_na, num_warps), BLOCK_I=block_i, ONE_TILE=one_tile,
+                  J_TILES=triton.cdiv(M, consts["BLOCK_J"]) if one_tile else 1)
     return consts, num_warps
 
 

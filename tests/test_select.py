@@ -15,7 +15,7 @@ import triton.language as tl
 
 from conftest import DEVICE
 from fastprune.kernels import aot
-from fastprune.kernels.select import (MAX_TOKENS, order_keys, rank_chunk, rank_topk_row, select_config,
+from fastprune.kernels.select import (MAX_TOKENS, order_keys, rank_chunk, rank_topk, rank_topk_row, select_config,
                                      select_topk_triton, topk_mask)
 from fastprune.reference import output_slots, topk_keep_mask
 
@@ -198,23 +198,56 @@ def _rank_and_radix(values, lo, hi, k, nan_last, chunk=None):
     return rank.nonzero().flatten().tolist(), radix.nonzero().flatten().tolist(), want
 
 
+# ----------------------------------------------------------------------------------------------------
+# The rank top-k of a register vector (rank_topk, ToMe's one-tile chain): the same tests
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _register_rank_kernel(values_ptr, rank_out_ptr, radix_out_ptr, LO, HI, K, NAN_LAST: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Top-K of the members LO <= n < HI of one row held in registers: by ranks and by the radix search."""
+    offs = tl.arange(0, BLOCK)
+    member = (offs >= LO) & (offs < HI)
+    keys = order_keys(tl.load(values_ptr + offs, mask=member, other=0.0), member, NAN_LAST)
+    tl.store(rank_out_ptr + offs, rank_topk(keys, K, BLOCK).to(tl.int8))
+    tl.store(radix_out_ptr + offs, topk_mask(keys, K, 4).to(tl.int8))
+
+
+def _register_rank_and_radix(values, lo, hi, k, nan_last):
+    block = max(16, triton.next_power_of_2(values.numel()))
+    rank = torch.empty(block, dtype=torch.int8, device=DEVICE)
+    radix = torch.empty(block, dtype=torch.int8, device=DEVICE)
+    _register_rank_kernel[(1,)](values, rank, radix, lo, hi, k, NAN_LAST=nan_last, BLOCK=block)
+    want = [lo + i for i in brute_force_keep(values[lo:hi].tolist(), k, 0, nan_last)]
+    return rank.nonzero().flatten().tolist(), radix.nonzero().flatten().tolist(), want
+
+
+#: Both rank top-k device functions: a row in memory (chunked tiles), a vector in registers.
+RANK_PATHS = pytest.mark.parametrize("rank_and_radix", [_rank_and_radix, _register_rank_and_radix],
+                                     ids=["row_in_memory", "register_vector"])
+
+
+@RANK_PATHS
 @pytest.mark.parametrize("nan_last", [False, True])
-def test_rank_topk_special_values_and_signed_zeros(nan_last):
+def test_rank_topk_special_values_and_signed_zeros(nan_last, rank_and_radix):
     """NaN (either sign) ranks first, or as -inf; -0.0 == +0.0 (ties to the lower index), as the radix path."""
     inf, nan = float("inf"), float("nan")
     values = torch.tensor([-0.0, 0.0, -0.0, nan, 1e-45, -1e-45, -nan, inf, -inf, 0.0, -inf, nan, 3.4e38],
                           device=DEVICE)
     n = values.numel()
     for k in range(n + 1):
-        rank, radix, want = _rank_and_radix(values, 0, n, k, nan_last)
+        rank, radix, want = rank_and_radix(values, 0, n, k, nan_last)
         assert rank == radix == want, k
-    rank, _, _ = _rank_and_radix(values, 0, n, 6, False)
+    rank, _, _ = rank_and_radix(values, 0, n, 6, False)
     assert rank == [3, 4, 6, 7, 11, 12]  # NaNs, inf, 3.4e38, then 1e-45 (in token order)
-    rank, _, _ = _rank_and_radix(values, 0, n, 7, False)
+    rank, _, _ = rank_and_radix(values, 0, n, 7, False)
     assert rank == [0, 3, 4, 6, 7, 11, 12]  # then the first zero of either sign
+    rank, _, _ = rank_and_radix(values, 0, n, 3, True)
+    assert rank == [4, 7, 12]  # NaNs count as -inf: inf, 3.4e38, 1e-45
 
 
-def test_rank_topk_ties_and_odd_lengths():
+@RANK_PATHS
+def test_rank_topk_ties_and_odd_lengths(rank_and_radix):
+    """Heavy ties, members not starting at 0 (ToMe: the non-prefix A tokens), k at 0, 1, half, all."""
     rng = random.Random(2)
     for n in (1, 2, 3, 7, 16, 31, 99, 100, 197, 256):
         for _ in range(3):
@@ -224,7 +257,7 @@ def test_rank_topk_ties_and_odd_lengths():
             hi = rng.randint(lo + 1, n)
             for k in sorted({0, 1, (hi - lo) // 2, hi - lo}):
                 nan_last = rng.random() < 0.5
-                rank, radix, want = _rank_and_radix(values, lo, hi, k, nan_last)
+                rank, radix, want = rank_and_radix(values, lo, hi, k, nan_last)
                 assert rank == radix == want, (n, lo, hi, k, nan_last)
 
 
@@ -236,6 +269,14 @@ def test_rank_topk_chunks_not_aligned_with_members(chunk):
     for lo, hi, k in ((0, 42, 10), (5, 37, 12), (17, 18, 1), (3, 42, 39), (1, 30, 0)):
         rank, radix, want = _rank_and_radix(values, lo, hi, k, False, chunk=min(chunk, 64))
         assert rank == radix == want, (lo, hi, k)
+
+
+def test_register_rank_topk_all_equal_and_bounds():
+    """All keys equal: the lowest indices, for k at 0, 1, all but one and all of 128 keys."""
+    values = torch.full((128,), 0.25, device=DEVICE)
+    for k in (0, 1, 127, 128):
+        rank, radix, _ = _register_rank_and_radix(values, 0, 128, k, False)
+        assert rank == radix == list(range(k))
 
 
 def test_rank_topk_configuration():

@@ -240,6 +240,58 @@ def test_kernel_gradients_match_reference(with_size, N, C, p, r, dtype, tol, siz
         torch.testing.assert_close(grads["triton"][1], grads["reference"][1], rtol=size_tol, atol=size_tol / 10)
 
 
+def _plans_one_tile_and_general(metric, r, p):
+    """The merge plan of _tome_match_select_kernel by its ONE_TILE chain (registers) and by its general
+    path (16-source tiles, running argmax over 16-candidate tiles, scratch rows, rank top-k read back)."""
+    from fastprune.kernels.tome import _tome_match_select_kernel, match_select_config
+
+    B, N, CM = metric.shape
+    NS = (N + 1) // 2 - (p + 1) // 2
+    consts, warps = match_select_config(N, p, CM, metric.dtype)
+    assert consts["ONE_TILE"]
+    general = dict(consts, ONE_TILE=False, J_TILES=1, BLOCK_I=16, BLOCK_J=16)
+    plans = []
+    for c, w in ((consts, warps), (general, 4)):
+        score = torch.empty(B, NS, device=DEVICE)
+        partner = torch.empty(B, NS, dtype=torch.int32, device=DEVICE)
+        plan = torch.full((B, 2 * N + r), -7, dtype=torch.int64, device=DEVICE)
+        _tome_match_select_kernel[(B,)](metric, metric.stride(0), metric.stride(1), score, partner, plan,
+                                        N, (N + 1) // 2, N // 2, p, r, CM, **c, num_warps=w)
+        plans.append(plan)
+    return plans
+
+
+@pytest.mark.parametrize("N,p,r", [(197, 1, 1), (197, 1, 98), (197, 1, 13), (40, 2, 19), (23, 0, 11), (6, 3, 1)])
+def test_one_tile_chain_equals_general_path(N, p, r):
+    """ViT/16 at 224 px and odd shapes, r at its bounds: the register chain (both candidate tiles,
+    rank top-k of the best scores, lists gathered in registers) writes the general path's plan, and
+    the reference's index; exact ties (one-hot metric) and NaN rows included."""
+    B, Cm = 2, 64
+    metric = torch.randn(B, N, Cm, device=DEVICE)
+    metric[1] = torch.eye(Cm, device=DEVICE)[torch.randint(0, 3, (N,), device=DEVICE)] * 3.0  # ties everywhere
+    metric[0, min(N - 1, p + 4)] = float("nan")  # a NaN similarity wins its row and ranks first
+    one_tile, general = _plans_one_tile_and_general(metric, r, p)
+    assert torch.equal(one_tile, general)
+    x = torch.randn(B, N, 8, device=DEVICE)
+    ref = tome_merge_tokens(x, r, metric=torch.nan_to_num(metric, nan=0.0), num_prefix_tokens=p,
+                            backend="reference")
+    got = tome_merge_tokens(x, r, metric=torch.nan_to_num(metric, nan=0.0), num_prefix_tokens=p, backend="triton")
+    assert torch.equal(got.index, ref.index)
+
+
+def test_one_tile_chain_configuration():
+    """ViT/16 at 224 px runs the register chain (two 64-candidate tiles, 8 warps for 16-bit metrics,
+    16 for float32); 577 and 2049 tokens the general path."""
+    from fastprune.kernels.tome import match_select_config
+
+    consts, warps = match_select_config(197, 1, 64, torch.bfloat16, compiled=True)
+    assert consts["ONE_TILE"] and (consts["BLOCK_I"], consts["BLOCK_J"], consts["J_TILES"], warps) == (128, 64, 2, 8)
+    consts, warps = match_select_config(197, 1, 64, torch.float32, compiled=True)
+    assert consts["ONE_TILE"] and (consts["BLOCK_I"], consts["BLOCK_J"], consts["J_TILES"], warps) == (128, 64, 2, 16)
+    for N in (577, 2049):
+        assert not match_select_config(N, 1, 64, torch.float16)[0]["ONE_TILE"]
+
+
 def test_kernels_registered_for_ahead_of_time_compilation():
     """tests/test_aot.py compiles every registered spec for sm_80 and sm_90; ToMe's launches are there
     (its fused matching + selection at N = 197 in every dtype, and at 577 and 2049 tokens)."""
