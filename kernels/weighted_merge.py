@@ -355,7 +355,9 @@ def merge_config(N: int, C: int, has_size: bool, size_attn: bool, R: Optional[in
     Index map: 4 rows x up to 768 channels a program in ``[4, 256]`` chunks (the index scan and the
     weight totals once per row tile; 64 registers on sm_90 at N = 197, 4 warps: 8 programs per SM).
     Lists: no scan, so 8 rows x up to 768 channels in ``[8, 128]`` chunks (twice the rows for the same
-    latency chain). Tail rows: 64 channels a program, tokens in tiles of ``32 / TAIL_PAD`` (at least 4).
+    latency chain). Tail rows: 64 channels a program (32 for 9 to 16 rows), tokens in tiles of up to 32,
+    at most 4096 products a step (EViT's one row: ``[1, 32, 64]``). Two or more tail rows cost registers
+    (112-156 on sm_90 for 2-16 rows, against 64-80 for one): BAT's clusters are gathered.
     """
     if R is None:
         block_n, rows, block_c = max(16, triton.next_power_of_2(N)), 4, min(256, max(16, triton.next_power_of_2(C)))
@@ -365,7 +367,8 @@ def merge_config(N: int, C: int, has_size: bool, size_attn: bool, R: Optional[in
     consts = dict(HAS_SIZE=has_size, SIZE_ATTN=size_attn, W_EPS=WEIGHT_EPS, LISTS=R is not None, BLOCK_N=block_n,
                   ROWS=rows, C_SPLIT=(3 if R is None else 6) * block_c, BLOCK_C=block_c,
                   SIZE_WEIGHT=size_weight, NORMALIZE=normalize, TAIL=tail, TAIL_PAD=tail_pad,
-                  TAIL_T=max(4, 32 // tail_pad), TAIL_C=64)
+                  TAIL_C=64 if tail_pad <= 8 else 32)
+    consts["TAIL_T"] = min(32, 4096 // (tail_pad * consts["TAIL_C"]))  # [TAIL_PAD, TAIL_T, TAIL_C]: 4096
     return consts, (4 if block_n <= 256 else 8)
 
 

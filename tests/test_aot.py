@@ -34,13 +34,12 @@ LOW_OCCUPANCY = {  # floors hold with triton 3.6 (the GPU machine's), 3.8 (a fre
     "idle_cut_loss_": 8,
     "idle_scatter_rows[": 8,
     "idle_topk_select": 8,
-    "tome_match_select[float32,": 12,  # generic variant (166 registers: 32-source TF32x3 tiles); @jit 16
 }
 #: Exceptions for the generic variants only (integer arguments unspecialised: no stride-1 or
 #: divisibility hints, so every load computes its own addresses); the JIT-specialised variant
 #: (``@jit``, what a launch compiles) keeps :data:`MIN_RESIDENT_WARPS` or its :data:`LOW_OCCUPANCY` floor.
 GENERIC_LOW_OCCUPANCY = {
-    # triton 3.6: 168-200 registers x 8 warps generic; @jit 73-80 registers (24+ warps resident)
+    # ToMe's one-tile match + select (N <= 257): 182-250 registers x 8 warps generic (16-bit), @jit 114-128
     "tome_match_select[": 8,
 }
 #: Largest fraction of a loop body's instructions that may be local-memory accesses (spills).

@@ -99,7 +99,8 @@ def _tail_map(B, N, S, tail, device):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("B,N,S,C,tail", [(2, 41, 12, 70, 1), (1, 70, 9, 130, 3), (2, 6, 1, 5, 1)])
+@pytest.mark.parametrize("B,N,S,C,tail", [(2, 41, 12, 70, 1), (1, 70, 9, 130, 3), (2, 6, 1, 5, 1),
+                                          (1, 90, 14, 40, 10)])  # BAT's 10 clusters: 16 padded rows
 @pytest.mark.parametrize("size_attn,size_weight,normalize", [(True, False, True), (True, False, False),
                                                              (False, True, True), (True, True, False)])
 def test_tail_rows_and_weight_options_match_the_formula(device, dtype, tol, B, N, S, C, tail, size_attn,
