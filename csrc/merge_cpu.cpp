@@ -217,6 +217,14 @@ void merge_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& si
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_out;
       const acc_t W = total[t];
+      scalar_t* o = op + t * C;
+      if (g.end(t) - g.begin(t) == 1 && wp[b * N + *g.begin(t)] / W == acc_t(1)) {
+        // a row that absorbs nothing: its token, copied bit for bit (-0.0 included), no accumulator pass
+        const int64_t i = b * N + *g.begin(t);
+        szp[t] = zp != nullptr ? zp[i] : acc_t(1);
+        std::copy(xp + i * C, xp + (i + 1) * C, o);
+        continue;
+      }
       acc_t sz = 0;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (const int64_t* k = g.begin(t); k != g.end(t); ++k) {
@@ -227,7 +235,6 @@ void merge_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& si
         for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(xi[c]) * share;
       }
       szp[t] = sz;
-      scalar_t* o = op + t * C;
       for (int64_t c = 0; c < C; ++c) o[c] = static_cast<scalar_t>(acc[c]);
     }
   });

@@ -381,6 +381,19 @@ def test_weighted_merge_equals_reference(device, dtype, B, N, C, n_out):
 
 
 @requires_ext
+def test_weighted_merge_copies_a_lone_token_bit_for_bit_on_cpu():
+    """A row that absorbs nothing is its token's bytes (-0.0 stays -0.0), not a sum started at +0.0."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 10, 8, generator=gen)
+    x[:, :, ::2] = -0.0
+    index = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6, 0, 6], [0, 1, 2, 3, 4, 5, 6, 0, 1, 6]])
+    w = torch.rand(2, 10, generator=gen) + 0.1
+    out, _ = _ext.weighted_merge_cpp(x, w, torch.ones_like(w), index, 7)
+    for b, d, i in ((0, 1, 1), (0, 5, 5), (1, 3, 3), (1, 4, 4)):
+        assert torch.equal(out[b, d].view(torch.int32), x[b, i].view(torch.int32))
+
+
+@requires_ext
 @pytest.mark.parametrize("device", DEVICES)
 def test_weighted_merge_contains_nan_and_copies_lone_tokens(device):
     gen = torch.Generator().manual_seed(5)
