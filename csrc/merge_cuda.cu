@@ -183,7 +183,7 @@ __global__ void merge_kernel(const scalar_t* __restrict__ x, const acc_t* __rest
     size_out[b * n_out + d] = sz;
   }
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t acc = 0;
+    acc_t acc = -0.0;  // IEEE's additive identity (+0 is not, for -0): a lone token comes out bit for bit
     for (int k = 0; k < count; ++k) {
       acc += static_cast<acc_t>(x[(b * N + members[k]) * C + c]) * share[k];
     }
