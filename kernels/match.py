@@ -84,6 +84,55 @@ def _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS: tl.constexpr):
 
 
 @triton.jit
+def _source_tile(rows_i, valid_i, CM, COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_CM: tl.constexpr,
+                 SINGLE_CHUNK: tl.constexpr):
+    """``(m_i, inv_i)``: the sources' metric tile (``SINGLE_CHUNK``; else zeros, unused) and their
+    inverse norms, once per source tile."""
+    offs_c = tl.arange(0, BLOCK_CM)
+    if SINGLE_CHUNK:
+        m_i = tl.load(rows_i + offs_c[None, :], mask=valid_i[:, None] & (offs_c < CM)[None, :], other=0.0)
+        sq_i = tl.sum(m_i.to(tl.float32) * m_i.to(tl.float32), axis=1)
+    else:
+        m_i = tl.zeros([BLOCK_I, BLOCK_CM], rows_i.dtype.element_ty)
+        sq_i = tl.zeros([BLOCK_I], tl.float32)
+        for c0 in range(0, CM, BLOCK_CM):
+            m_c = tl.load(rows_i + (c0 + offs_c)[None, :],
+                          mask=valid_i[:, None] & ((c0 + offs_c) < CM)[None, :], other=0.0).to(tl.float32)
+            sq_i += tl.sum(m_c * m_c, axis=1)
+    return m_i, _inv_norm(sq_i, COS_EPS)
+
+
+@triton.jit
+def _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn, cand_start, cand_step,
+                   offs_j, M, CM, CAND_LIST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
+                   SINGLE_CHUNK: tl.constexpr):
+    """The ``[BLOCK_I, BLOCK_J]`` similarity tile of the sources against candidates ``offs_j``
+    (:func:`_masked_sim`): ``tl.dot`` of metric chunks (the storage dtype, or float32 with ``UPCAST``;
+    fp32 accumulation) and the candidates' squared norms from the same loads."""
+    offs_c = tl.arange(0, BLOCK_CM)
+    valid_j = offs_j < M
+    rows_j = metric_row + token_positions(cand_row, stride_cn, cand_start, cand_step, offs_j, valid_j,
+                                          CAND_LIST)[:, None] * stride_mn
+    dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+    sq_j = tl.zeros([BLOCK_J], tl.float32)
+    if SINGLE_CHUNK:
+        m_j = tl.load(rows_j + offs_c[None, :], mask=valid_j[:, None] & (offs_c < CM)[None, :], other=0.0)
+        dots = tl.dot(_dot_operand(m_i, UPCAST), tl.trans(_dot_operand(m_j, UPCAST)), dots,
+                      input_precision=PRECISION)
+        sq_j = tl.sum(m_j.to(tl.float32) * m_j.to(tl.float32), axis=1)
+    else:
+        for c0 in range(0, CM, BLOCK_CM):
+            cmask = ((c0 + offs_c) < CM)[None, :]
+            m_ic = tl.load(rows_i + (c0 + offs_c)[None, :], mask=valid_i[:, None] & cmask, other=0.0)
+            m_jc = tl.load(rows_j + (c0 + offs_c)[None, :], mask=valid_j[:, None] & cmask, other=0.0)
+            dots = tl.dot(_dot_operand(m_ic, UPCAST), tl.trans(_dot_operand(m_jc, UPCAST)), dots,
+                          input_precision=PRECISION)
+            sq_j += tl.sum(m_jc.to(tl.float32) * m_jc.to(tl.float32), axis=1)
+    return _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS)
+
+
+@triton.jit
 def cosine_argmax(metric_row, stride_mn, pos_i, valid_i,
                   cand_row, stride_cn, cand_start, cand_step, M, CM,
                   CAND_LIST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -102,44 +151,14 @@ def cosine_argmax(metric_row, stride_mn, pos_i, valid_i,
     Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``: the best similarity (NaN if a NaN
     similarity won; ``-inf`` if ``M == 0``) and its candidate index in ``0 .. M - 1``.
     """
-    offs_c = tl.arange(0, BLOCK_CM)
     rows_i = metric_row + pos_i[:, None] * stride_mn
-    sq_i = tl.zeros([BLOCK_I], tl.float32)
-    if SINGLE_CHUNK:
-        m_i = tl.load(rows_i + offs_c[None, :], mask=valid_i[:, None] & (offs_c < CM)[None, :],
-                      other=0.0)
-        sq_i = tl.sum(m_i.to(tl.float32) * m_i.to(tl.float32), axis=1)
-    else:
-        for c0 in range(0, CM, BLOCK_CM):
-            m_c = tl.load(rows_i + (c0 + offs_c)[None, :],
-                          mask=valid_i[:, None] & ((c0 + offs_c) < CM)[None, :], other=0.0).to(tl.float32)
-            sq_i += tl.sum(m_c * m_c, axis=1)
-    inv_i = _inv_norm(sq_i, COS_EPS)
-
+    m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
     best = tl.full([BLOCK_I], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_I], tl.int32)
     for j0 in range(0, M, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        valid_j = offs_j < M
-        rows_j = metric_row + token_positions(cand_row, stride_cn, cand_start, cand_step, offs_j, valid_j,
-                                              CAND_LIST)[:, None] * stride_mn
-        dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-        sq_j = tl.zeros([BLOCK_J], tl.float32)
-        if SINGLE_CHUNK:
-            m_j = tl.load(rows_j + offs_c[None, :], mask=valid_j[:, None] & (offs_c < CM)[None, :],
-                          other=0.0)
-            dots = tl.dot(_dot_operand(m_i, UPCAST), tl.trans(_dot_operand(m_j, UPCAST)), dots,
-                          input_precision=PRECISION)
-            sq_j = tl.sum(m_j.to(tl.float32) * m_j.to(tl.float32), axis=1)
-        else:
-            for c0 in range(0, CM, BLOCK_CM):
-                cmask = ((c0 + offs_c) < CM)[None, :]
-                m_ic = tl.load(rows_i + (c0 + offs_c)[None, :], mask=valid_i[:, None] & cmask, other=0.0)
-                m_jc = tl.load(rows_j + (c0 + offs_c)[None, :], mask=valid_j[:, None] & cmask, other=0.0)
-                dots = tl.dot(_dot_operand(m_ic, UPCAST), tl.trans(_dot_operand(m_jc, UPCAST)), dots,
-                              input_precision=PRECISION)
-                sq_j += tl.sum(m_jc.to(tl.float32) * m_jc.to(tl.float32), axis=1)
-        sim = _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS)
+        sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn, cand_start,
+                             cand_step, j0 + tl.arange(0, BLOCK_J), M, CM, CAND_LIST, PRECISION, UPCAST, COS_EPS,
+                             BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
         tile_best = tl.max(sim, axis=1)
         tile_arg = tl.argmax(sim, axis=1, tie_break_left=True).to(tl.int32) + j0
         better = tile_best > best
@@ -158,40 +177,16 @@ def cosine_argmax_tile(metric_row, stride_mn, pos_i, valid_i,
     (``M <= J_TILES * BLOCK_J``), same arguments and bit-identical results, with no loop over
     candidates: the tiles are unrolled (every load's address is arithmetic, none waits on another
     tile's argmax), and each tile's max-with-index is one reduction (first maximum), merged
-    strictly-greater in tile order. ``SINGLE_CHUNK``: one channel chunk, straight-line code.
-    Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
-    offs_c = tl.arange(0, BLOCK_CM)
+    strictly-greater in tile order. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
     rows_i = metric_row + pos_i[:, None] * stride_mn
-    if SINGLE_CHUNK:
-        m_i = tl.load(rows_i + offs_c[None, :], mask=valid_i[:, None] & (offs_c < CM)[None, :], other=0.0)
-        inv_i = _inv_norm(tl.sum(m_i.to(tl.float32) * m_i.to(tl.float32), axis=1), COS_EPS)
+    m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
     best = tl.full([BLOCK_I], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_I], tl.int32)
     for jt in tl.static_range(J_TILES):
-        offs_j = jt * BLOCK_J + tl.arange(0, BLOCK_J)
-        valid_j = offs_j < M
-        rows_j = metric_row + token_positions(cand_row, stride_cn, cand_start, cand_step, offs_j, valid_j,
-                                              CAND_LIST)[:, None] * stride_mn
-        dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-        if SINGLE_CHUNK:
-            m_j = tl.load(rows_j + offs_c[None, :], mask=valid_j[:, None] & (offs_c < CM)[None, :], other=0.0)
-            sq_j = tl.sum(m_j.to(tl.float32) * m_j.to(tl.float32), axis=1)
-            dots = tl.dot(_dot_operand(m_i, UPCAST), tl.trans(_dot_operand(m_j, UPCAST)), dots,
-                          input_precision=PRECISION)
-        else:
-            sq_i = tl.zeros([BLOCK_I], tl.float32)
-            sq_j = tl.zeros([BLOCK_J], tl.float32)
-            for c0 in range(0, CM, BLOCK_CM):
-                cmask = ((c0 + offs_c) < CM)[None, :]
-                m_ic = tl.load(rows_i + (c0 + offs_c)[None, :], mask=valid_i[:, None] & cmask, other=0.0)
-                m_jc = tl.load(rows_j + (c0 + offs_c)[None, :], mask=valid_j[:, None] & cmask, other=0.0)
-                sq_i += tl.sum(m_ic.to(tl.float32) * m_ic.to(tl.float32), axis=1)
-                sq_j += tl.sum(m_jc.to(tl.float32) * m_jc.to(tl.float32), axis=1)
-                dots = tl.dot(_dot_operand(m_ic, UPCAST), tl.trans(_dot_operand(m_jc, UPCAST)), dots,
-                              input_precision=PRECISION)
-            inv_i = _inv_norm(sq_i, COS_EPS)
-        tile_best, tile_arg = tl.max(_masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS), axis=1,
-                                     return_indices=True, return_indices_tie_break_left=True)
+        sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn, cand_start,
+                             cand_step, jt * BLOCK_J + tl.arange(0, BLOCK_J), M, CM, CAND_LIST, PRECISION, UPCAST,
+                             COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+        tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best
         arg = tl.where(better, tile_arg.to(tl.int32) + jt * BLOCK_J, arg)
         best = tl.where(better, tile_best, best)
