@@ -71,9 +71,10 @@ def _tome_match_select_kernel(
 
     The ``NS = NA - A0`` non-prefix A tokens (``A0 = (P + 1) // 2``) are matched against the
     ``M = NB - P // 2`` non-prefix B tokens (position ranges); the best similarity and partner (index
-    among the non-prefix B tokens) of each are written to the scratch rows ``score[b]``,
-    ``partner[b]`` (``[B, NS]``). Output slots: prefix tokens keep their position; unmerged A tokens
-    follow in order (``P + cumsum - 1``); the ``j``-th non-prefix B token goes to ``P + NS - R + j``;
+    among the non-prefix B tokens) of each are kept in registers (``ONE_TILE``) or written to the
+    scratch rows ``score[b]``, ``partner[b]`` (``[B, NS]``). Output slots: prefix tokens keep their
+    position; unmerged A tokens follow in order (``P + cumsum - 1``); the ``j``-th non-prefix B token
+    goes to ``P + NS - R + j``;
     a merged A token maps to its partner's slot. Stored as the merge plan ``plan[b]`` (``[B, 2 N + R]``
     int64): the index map, the own token of every output row, the merged A tokens (ascending) and
     their slots (``kernels/weighted_merge.py`` gathers from these lists).
@@ -86,8 +87,7 @@ def _tome_match_select_kernel(
     registers: each non-prefix A token's place ``dest`` in them (unmerged ones, then merged ones, each
     in order) inverted by a second ``[BLOCK_I, BLOCK_I]`` comparison and reduction, so every store's
     address is arithmetic (contiguous rows, and torch's TTIR write analysis does not trace an address
-    back into the metric through the device functions' results). The scratch rows are still written,
-    off the chain (no barrier, never read back), so both paths write the same arguments.
+    back into the metric through the device functions' results). The scratch rows are not touched.
 
     Otherwise (longer rows: 577, 2049 tokens): :func:`~fastprune.kernels.match.cosine_argmax` over
     source tiles of ``BLOCK_I`` with a running argmax over candidate tiles of ``BLOCK_J``, the scratch
@@ -96,8 +96,8 @@ def _tome_match_select_kernel(
     the partners read back, and the plan scattered from the slots.
 
     Memory traffic: the metric of the ``N - P`` non-prefix tokens once (general path: the B tokens
-    re-read from L2 by later A tiles), ``8 NS`` bytes of scratch written (general path: and read
-    back), ``8 (2 N + R)`` bytes written.
+    re-read from L2 by later A tiles, and ``8 NS`` bytes of scratch written and read back),
+    ``8 (2 N + R)`` bytes written.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     A0 = (P + 1) // 2
@@ -112,8 +112,6 @@ def _tome_match_select_kernel(
         best, arg = cosine_argmax_tile(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
                                        metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION,
                                        UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES)
-        tl.store(score_ptr + pid_b * NS + offs_i, best, mask=valid_i)
-        tl.store(partner_ptr + pid_b * NS + offs_i, arg, mask=valid_i)
         merged = rank_topk(order_keys(best, valid_i, False), R, BLOCK_I)
         nth = tl.cumsum(merged.to(tl.int32), axis=0) - 1  # among the merged ones
         slot_i = tl.where(merged, b_base + arg, P + offs_i - nth - 1)
@@ -179,8 +177,9 @@ def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: b
     tokens: ViT/16 at 224 px): ``BLOCK_I`` covers the A tokens, ``J_TILES`` unrolled candidate tiles
     of ``BLOCK_J`` (up to 64) the B tokens (powers of two, at least 16 for ``tl.dot``); 8 warps for
     16-bit metrics, 16 for float32 (TF32x3 triples the products' registers): within 128 registers,
-    no spills, 16 warps resident per SM (a single 128-candidate tile needs ~150 at 8 warps). Otherwise ``kernels/match.py``'s tiles with
-    up to 128 sources per tile (64 beyond 2048 tokens; 32 for float32) and the top-r of the scratch
+    no spills, 16 warps resident per SM (a single 128-candidate tile needs ~150 at 8 warps). Otherwise
+    ``kernels/match.py``'s tiles with up to 128 sources per tile (64 beyond 2048 tokens; 32 for
+    float32) and the top-r of the scratch
     row (ranks for ``BLOCK_NA <= 256``, else the radix search and its width); 8 warps for tiles of 64
     sources or more, or rows of more than 1024 A tokens, else 4."""
     NA, NB = (N + 1) // 2, N // 2

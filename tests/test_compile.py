@@ -398,7 +398,7 @@ def _outputs(always=(), **when):
     return lambda consts: sorted({*always, *(arg for arg, flag in when.items() if consts[flag])})
 
 
-#: The tensors each kernel really writes (its outputs; ToMe's also its scratch rows), by kernel, as a
+#: The tensors each kernel really writes (its outputs; ToMe's general path also its scratch rows), by kernel, as a
 #: function of the launch's constexprs. The operators' kernels (``wrap_triton``: MSTM's) and the
 #: raw launches alike: Dynamo hands both to the same analysis.
 KERNEL_OUTPUTS = {
@@ -408,7 +408,9 @@ KERNEL_OUTPUTS = {
                                                 grad_size_ptr="NEED_GSIZE"),
     "_select_topk_kernel": _outputs(["slot_ptr"], kept_ptr="WRITE_KEPT", rest_ptr="WRITE_REST"),
     "_cosine_match_kernel": _outputs(["best_ptr", "partner_ptr"], map_ptr="WRITE_MAP"),
-    "_tome_match_select_kernel": _outputs(["score_ptr", "partner_ptr", "plan_ptr"]),
+    # the scratch rows only on the general path (more than 257 tokens); the one-tile chain stays in registers
+    "_tome_match_select_kernel": lambda consts: sorted(["plan_ptr"] + ([] if consts["ONE_TILE"]
+                                                                        else ["score_ptr", "partner_ptr"])),
     "_bat_match_kernel": _outputs(["index_ptr"]),
     "_bat_cluster_kernel": _outputs(["index_ptr"]),
     "_cls_logit_kernel": _outputs(["out_ptr"]),
