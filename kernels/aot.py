@@ -255,13 +255,9 @@ _SASS_ADDRESS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _SASS_BRANCH = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+|`\(\.L_x_(\d+)\))")
 
 
-def local_memory_in_loops(sass: str) -> dict:
-    """Local-memory accesses (``LDL``/``STL``: register spills, local arrays) in a kernel's SASS.
-
-    Returns ``{"total": n, "in_loops": m, "loop_density": d}``: an access is in a loop when it lies
-    between a backward branch and its target (the loop's body), so it runs once per iteration;
-    ``d`` is the largest fraction of a loop body's instructions that are local accesses (0.0 if none).
-    """
+def _sass_rows_and_loops(sass: str) -> tuple:
+    """``(rows, loops)``: the ``(address, instruction)`` rows of a SASS listing and the ``(start, end)``
+    address ranges of its loop bodies (from each backward branch to its target)."""
     rows, labels = [], {}
     for line in sass.splitlines():
         label = re.match(r"\s*\.L_x_(\d+):", line)
@@ -272,7 +268,7 @@ def local_memory_in_loops(sass: str) -> dict:
             rows.append((int(m.group(1), 16), m.group(2)))
     addresses = [a for a, _ in rows]
     loops = []
-    for i, (address, text) in enumerate(rows):
+    for address, text in rows:
         branch = _SASS_BRANCH.search(text)
         if not branch:
             continue
@@ -283,6 +279,18 @@ def local_memory_in_loops(sass: str) -> dict:
             target = int(branch.group(1), 16)
         if target is not None and target <= address:
             loops.append((target, address))
+    return rows, loops
+
+
+def local_memory_in_loops(sass: str) -> dict:
+    """Local-memory accesses (``LDL``/``STL``: register spills, local arrays) in a kernel's SASS.
+
+    Returns ``{"total": n, "in_loops": m, "loop_density": d}``: an access is in a loop when it lies
+    between a backward branch and its target (the loop's body), so it runs once per iteration;
+    ``d`` is the largest fraction of a loop body's instructions that are local accesses (0.0 if none).
+    """
+    rows, loops = _sass_rows_and_loops(sass)
+    addresses = [a for a, _ in rows]
     local = [a for a, text in rows if re.match(r"(@!?U?P\d\s+)?(LDL|STL)\b", text)]
     in_loops = [a for a in local if any(lo <= a <= hi for lo, hi in loops)]
     density = 0.0
@@ -293,15 +301,32 @@ def local_memory_in_loops(sass: str) -> dict:
     return {"total": len(local), "in_loops": len(in_loops), "loop_density": density}
 
 
+def loads_after_first_product(sass: str) -> dict:
+    """Global loads (``LDG``) in a kernel's SASS, all and those that wait for a tensor-core product
+    (``HMMA``/``HGMMA``): placed after the first one, or in a loop whose body holds one (the next
+    iteration's load follows this one's product). ``{"global_loads": n, "loads_after_product": m}``;
+    ``m == 0`` says every load is issued before the arithmetic that needs it (one memory latency),
+    which :mod:`benchmarks.cost_model` assumes for ToMe's one-tile matching in one channel chunk."""
+    rows, loops = _sass_rows_and_loops(sass)
+    products = [a for a, text in rows if re.search(r"\bH(G)?MMA\b", text)]
+    first = products[0] if products else float("inf")
+    product_loops = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi for a in products)]
+    loads = [a for a, text in rows if re.search(r"\bLDG\b", text)]
+    waiting = [a for a in loads if a > first or any(lo <= a <= hi for lo, hi in product_loops)]
+    return {"global_loads": len(loads), "loads_after_product": len(waiting)}
+
+
 def resource_usage(compiled) -> dict:
-    """Registers, stack bytes (register spills and local arrays), shared memory and local-memory
-    accesses (all, and inside loops: see :func:`local_memory_in_loops`) of a compiled kernel.
+    """Registers, stack bytes (register spills and local arrays), shared memory, local-memory
+    accesses (all, and inside loops: see :func:`local_memory_in_loops`) and global loads (all, and
+    after the first tensor-core product: :func:`loads_after_first_product`) of a compiled kernel.
 
     Read from the cubin with ``cuobjdump -res-usage`` and ``-sass``; None where that tool is missing.
     """
     usage = {"registers": None, "stack_bytes": None, "local_bytes": None,
              "shared_bytes": getattr(compiled.metadata, "shared", None),
-             "local_accesses": None, "local_accesses_in_loops": None, "loop_local_density": None}
+             "local_accesses": None, "local_accesses_in_loops": None, "loop_local_density": None,
+             "global_loads": None, "loads_after_product": None}
     tool = _cuobjdump_path()
     cubin = compiled.asm.get("cubin")
     if tool is None or not cubin:
@@ -319,6 +344,7 @@ def resource_usage(compiled) -> dict:
         local = local_memory_in_loops(sass)
         usage["local_accesses"], usage["local_accesses_in_loops"] = local["total"], local["in_loops"]
         usage["loop_local_density"] = local["loop_density"]
+        usage.update(loads_after_first_product(sass))
     return usage
 
 

@@ -84,14 +84,37 @@ def _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS: tl.constexpr):
 
 
 @triton.jit
+def _rows_tile(rows, valid, CM, BLOCK_CM: tl.constexpr):
+    """The ``[rows, BLOCK_CM]`` metric tile of ``rows`` (one channel chunk; zeros outside ``valid``)."""
+    offs_c = tl.arange(0, BLOCK_CM)
+    return tl.load(rows + offs_c[None, :], mask=valid[:, None] & (offs_c < CM)[None, :], other=0.0)
+
+
+@triton.jit
+def _sq_norms(m):
+    """Squared norms of a metric tile's rows, float32."""
+    return tl.sum(m.to(tl.float32) * m.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step, offs_j, M,
+                    CAND_LIST: tl.constexpr):
+    """``(rows_j, valid_j)``: pointers ``[BLOCK_J, 1]`` to the rows of candidates ``offs_j``, and which exist."""
+    valid_j = offs_j < M
+    rows_j = metric_row + token_positions(cand_row, stride_cn, cand_start, cand_step, offs_j, valid_j,
+                                          CAND_LIST)[:, None] * stride_mn
+    return rows_j, valid_j
+
+
+@triton.jit
 def _source_tile(rows_i, valid_i, CM, COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_CM: tl.constexpr,
                  SINGLE_CHUNK: tl.constexpr):
     """``(m_i, inv_i)``: the sources' metric tile (``SINGLE_CHUNK``; else zeros, unused) and their
     inverse norms, once per source tile."""
     offs_c = tl.arange(0, BLOCK_CM)
     if SINGLE_CHUNK:
-        m_i = tl.load(rows_i + offs_c[None, :], mask=valid_i[:, None] & (offs_c < CM)[None, :], other=0.0)
-        sq_i = tl.sum(m_i.to(tl.float32) * m_i.to(tl.float32), axis=1)
+        m_i = _rows_tile(rows_i, valid_i, CM, BLOCK_CM)
+        sq_i = _sq_norms(m_i)
     else:
         m_i = tl.zeros([BLOCK_I, BLOCK_CM], rows_i.dtype.element_ty)
         sq_i = tl.zeros([BLOCK_I], tl.float32)
@@ -103,6 +126,15 @@ def _source_tile(rows_i, valid_i, CM, COS_EPS: tl.constexpr, BLOCK_I: tl.constex
 
 
 @triton.jit
+def _tile_sim(m_i, inv_i, m_j, valid_j, PRECISION: tl.constexpr, UPCAST: tl.constexpr, COS_EPS: tl.constexpr,
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """:func:`_masked_sim` of one-chunk tiles already loaded: sources ``m_i`` against candidates ``m_j``."""
+    dots = tl.dot(_dot_operand(m_i, UPCAST), tl.trans(_dot_operand(m_j, UPCAST)),
+                  tl.zeros([BLOCK_I, BLOCK_J], tl.float32), input_precision=PRECISION)
+    return _masked_sim(dots, inv_i, _sq_norms(m_j), valid_j, COS_EPS)
+
+
+@triton.jit
 def _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn, cand_start, cand_step,
                    offs_j, M, CM, CAND_LIST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
@@ -110,18 +142,15 @@ def _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row,
     """The ``[BLOCK_I, BLOCK_J]`` similarity tile of the sources against candidates ``offs_j``
     (:func:`_masked_sim`): ``tl.dot`` of metric chunks (the storage dtype, or float32 with ``UPCAST``;
     fp32 accumulation) and the candidates' squared norms from the same loads."""
-    offs_c = tl.arange(0, BLOCK_CM)
-    valid_j = offs_j < M
-    rows_j = metric_row + token_positions(cand_row, stride_cn, cand_start, cand_step, offs_j, valid_j,
-                                          CAND_LIST)[:, None] * stride_mn
-    dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-    sq_j = tl.zeros([BLOCK_J], tl.float32)
+    rows_j, valid_j = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step, offs_j, M,
+                                      CAND_LIST)
     if SINGLE_CHUNK:
-        m_j = tl.load(rows_j + offs_c[None, :], mask=valid_j[:, None] & (offs_c < CM)[None, :], other=0.0)
-        dots = tl.dot(_dot_operand(m_i, UPCAST), tl.trans(_dot_operand(m_j, UPCAST)), dots,
-                      input_precision=PRECISION)
-        sq_j = tl.sum(m_j.to(tl.float32) * m_j.to(tl.float32), axis=1)
+        sim = _tile_sim(m_i, inv_i, _rows_tile(rows_j, valid_j, CM, BLOCK_CM), valid_j, PRECISION, UPCAST,
+                        COS_EPS, BLOCK_I, BLOCK_J)
     else:
+        offs_c = tl.arange(0, BLOCK_CM)
+        dots = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
+        sq_j = tl.zeros([BLOCK_J], tl.float32)
         for c0 in range(0, CM, BLOCK_CM):
             cmask = ((c0 + offs_c) < CM)[None, :]
             m_ic = tl.load(rows_i + (c0 + offs_c)[None, :], mask=valid_i[:, None] & cmask, other=0.0)
@@ -129,7 +158,8 @@ def _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row,
             dots = tl.dot(_dot_operand(m_ic, UPCAST), tl.trans(_dot_operand(m_jc, UPCAST)), dots,
                           input_precision=PRECISION)
             sq_j += tl.sum(m_jc.to(tl.float32) * m_jc.to(tl.float32), axis=1)
-    return _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS)
+        sim = _masked_sim(dots, inv_i, sq_j, valid_j, COS_EPS)
+    return sim
 
 
 @triton.jit
@@ -177,20 +207,51 @@ def cosine_argmax_tile(metric_row, stride_mn, pos_i, valid_i,
     (``M <= J_TILES * BLOCK_J``), same arguments and bit-identical results, with no loop over
     candidates: the tiles are unrolled (every load's address is arithmetic, none waits on another
     tile's argmax), and each tile's max-with-index is one reduction (first maximum), merged
-    strictly-greater in tile order. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
+    strictly-greater in tile order. ``SINGLE_CHUNK``: the sources' rows and the first two candidate
+    tiles are loaded before any arithmetic (one memory latency, not one per tile), each later tile two
+    tiles ahead of its use. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
     rows_i = metric_row + pos_i[:, None] * stride_mn
-    m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
     best = tl.full([BLOCK_I], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_I], tl.int32)
-    for jt in tl.static_range(J_TILES):
-        sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn, cand_start,
-                             cand_step, jt * BLOCK_J + tl.arange(0, BLOCK_J), M, CM, CAND_LIST, PRECISION, UPCAST,
-                             COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
-        tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best > best
-        arg = tl.where(better, tile_arg.to(tl.int32) + jt * BLOCK_J, arg)
-        best = tl.where(better, tile_best, best)
+    offs_j = tl.arange(0, BLOCK_J)
+    if SINGLE_CHUNK:
+        m_i = _rows_tile(rows_i, valid_i, CM, BLOCK_CM)
+        rows_j, v_cur = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step, offs_j,
+                                        M, CAND_LIST)
+        m_cur = _rows_tile(rows_j, v_cur, CM, BLOCK_CM)
+        m_nxt, v_nxt = m_cur, v_cur
+        if J_TILES > 1:
+            rows_j, v_nxt = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step,
+                                            BLOCK_J + offs_j, M, CAND_LIST)
+            m_nxt = _rows_tile(rows_j, v_nxt, CM, BLOCK_CM)
+        inv_i = _inv_norm(_sq_norms(m_i), COS_EPS)
+        for jt in tl.static_range(J_TILES):
+            if jt + 2 < J_TILES:
+                rows_j, v_fut = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step,
+                                                (jt + 2) * BLOCK_J + offs_j, M, CAND_LIST)
+                m_fut = _rows_tile(rows_j, v_fut, CM, BLOCK_CM)
+            sim = _tile_sim(m_i, inv_i, m_cur, v_cur, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J)
+            best, arg = _first_better(sim, best, arg, jt * BLOCK_J)
+            m_cur, v_cur = m_nxt, v_nxt
+            if jt + 2 < J_TILES:
+                m_nxt, v_nxt = m_fut, v_fut
+    else:
+        m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
+        for jt in tl.static_range(J_TILES):
+            sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn,
+                                 cand_start, cand_step, jt * BLOCK_J + offs_j, M, CM, CAND_LIST, PRECISION, UPCAST,
+                                 COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+            best, arg = _first_better(sim, best, arg, jt * BLOCK_J)
     return tl.where(best == float("inf"), float("nan"), best), arg
+
+
+@triton.jit
+def _first_better(sim, best, arg, j0):
+    """Merge one similarity tile (candidates from ``j0``) into the running ``(best, arg)``: the tile's
+    first maximum per source by one max-with-index reduction, taken where strictly greater."""
+    tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, tile_arg.to(tl.int32) + j0, arg)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -102,6 +102,32 @@ def test_local_memory_in_loops_reads_sass():
         {"total": 2, "in_loops": 0, "loop_density": 0.0}
 
 
+def test_loads_after_first_product_reads_sass():
+    sass = """
+        /*0000*/              @P0 LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0020*/              @P1 LDG.E.128 R12, desc[UR4][R4.64] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R24, R8, R12, R24 ;
+        /*0040*/                   EXIT ;
+    """
+    assert aot.loads_after_first_product(sass) == {"global_loads": 2, "loads_after_product": 1}
+    assert aot.loads_after_first_product(sass.replace("HGMMA", "FMUL")) == \
+        {"global_loads": 2, "loads_after_product": 0}
+
+
+@pytest.mark.parametrize("cc", CCS)
+def test_tome_one_tile_loads_before_any_product(aot_results, cc):
+    """ToMe's one-tile matching issues the sources' and every candidate tile's loads before its first
+    product: one memory latency, as benchmarks/cost_model.py counts it, not one per candidate tile."""
+    names = [s.name for s in SPECS if s.name.startswith("tome_match_select[") and ",N=197," in s.name]
+    assert names
+    for name in names:
+        row = aot_results[(name, cc)]
+        assert row["global_loads"], f"{name} sm_{cc}: no global loads read from the SASS"
+        assert row["loads_after_product"] == 0, \
+            f"{name} sm_{cc}: {row['loads_after_product']} of {row['global_loads']} loads wait for a product"
+
+
 def test_resident_warps_model():
     assert aot.resident_warps(32, 4) == 64           # 2048 threads x 32 registers = the whole file
     assert aot.resident_warps(128, 4) == 16          # 65536 / (128 x 128 threads) = 4 programs
