@@ -109,16 +109,20 @@ def _match_work(S: int, M: int, CM: int, dtype: torch.dtype, consts: dict, range
 
     ``ONE_TILE`` (ToMe at ViT/16 224 px: :func:`cosine_argmax_tile`): one source tile, ``J_TILES``
     unrolled candidate tiles (ranges); per candidate tile one max-with-index reduction. In one
-    channel chunk the sources' rows and the first two candidate tiles are loaded before any
-    arithmetic (tests/test_aot.py checks in the sm_80/sm_90 SASS that no load follows the first
-    product), later tiles two ahead of their use: one latency, plus one per tile beyond two
-    (conservatively); in chunks, each tile loads the sources' chunks with its own: ``J_TILES`` loads
-    in sequence; no store (the caller's)."""
+    channel chunk with ``PREFETCH`` (sm_90) the sources' rows and the first two candidate tiles are
+    loaded before any arithmetic (tests/test_aot.py checks in the sm_90 SASS that no load follows the
+    first product), later tiles two ahead of their use: one latency, plus one per tile beyond two
+    (conservatively); without it (sm_80) each tile's load follows the previous tile's product and the
+    sources' norms: ``1 + J_TILES``; in chunks, each tile loads the sources' chunks with its own:
+    ``J_TILES`` loads in sequence; no store (the caller's)."""
     bi, bj = consts["BLOCK_I"], consts["BLOCK_J"]
     passes = 3 if dtype == torch.float32 else 1  # TF32x3: three tensor-core products
     if consts.get("ONE_TILE"):
         tiles_j = consts["J_TILES"]
-        loads = 1 + max(0, tiles_j - 2) if consts["SINGLE_CHUNK"] else tiles_j
+        if consts["SINGLE_CHUNK"]:
+            loads = 1 + max(0, tiles_j - 2) if consts["PREFETCH"] else 1 + tiles_j
+        else:
+            loads = tiles_j
         return tiles_j * bi * bj * CM * 2 * passes, tiles_j, loads
     tiles_i, tiles_j = math.ceil(S / bi), math.ceil(M / bj)
     written = tiles_i * tiles_j * bi * bj * CM * 2 * passes

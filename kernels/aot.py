@@ -54,6 +54,8 @@ class KernelSpec:
         num_stages: software-pipelining stages (Triton's default when None).
         divisible: integer arguments a ViT-shaped launch passes as multiples of 16 (channel counts:
             192, 384, 768...), specialised as such by :meth:`jit_specialized`.
+        ccs: the compute capabilities this instantiation is for (a launcher choosing its constants by
+            architecture registers one spec per choice); empty: every one compiled.
     """
 
     name: str
@@ -65,6 +67,11 @@ class KernelSpec:
     divisible: tuple = ("C", "CM")
     #: Triton ``attrs`` (``{(arg index,): [["tt.divisibility", 16]]}``) of a JIT-specialised variant.
     attrs: Union[dict, None] = None
+    ccs: tuple = ()
+
+    def targets(self, ccs: Sequence[int]) -> list:
+        """The ``ccs`` this spec is compiled for: those of :attr:`ccs` among them, or all."""
+        return [cc for cc in ccs if not self.ccs or cc in self.ccs]
 
     def jit_specialized(self) -> "KernelSpec":
         """This spec as Triton's JIT compiles it for contiguous, 16-aligned tensors of ViT shapes.
@@ -380,7 +387,7 @@ def compile_all(ccs: Sequence[int] = DEFAULT_CCS, specs: Union[Sequence[KernelSp
     """
     global _WORKER_JOBS
     specs = registered_specs() if specs is None else specs
-    work = [(spec, cc) for spec in specs for cc in ccs]
+    work = [(spec, cc) for spec in specs for cc in spec.targets(ccs)]
     jobs = min(len(work), jobs or os.cpu_count() or 1)
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return [_compile_row(spec, cc) for spec, cc in work]

@@ -202,19 +202,22 @@ def cosine_argmax_tile(metric_row, stride_mn, pos_i, valid_i,
                        cand_row, stride_cn, cand_start, cand_step, M, CM,
                        CAND_LIST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                        COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                       BLOCK_CM: tl.constexpr, SINGLE_CHUNK: tl.constexpr, J_TILES: tl.constexpr):
+                       BLOCK_CM: tl.constexpr, SINGLE_CHUNK: tl.constexpr, J_TILES: tl.constexpr,
+                       PREFETCH: tl.constexpr):
     """:func:`cosine_argmax` when all ``M`` candidates fit ``J_TILES`` tiles of ``BLOCK_J``
     (``M <= J_TILES * BLOCK_J``), same arguments and bit-identical results, with no loop over
     candidates: the tiles are unrolled (every load's address is arithmetic, none waits on another
     tile's argmax), and each tile's max-with-index is one reduction (first maximum), merged
-    strictly-greater in tile order. ``SINGLE_CHUNK``: the sources' rows and the first two candidate
-    tiles are loaded before any arithmetic (one memory latency, not one per tile), each later tile two
-    tiles ahead of its use. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
+    strictly-greater in tile order. ``SINGLE_CHUNK`` and ``PREFETCH``: the sources' rows and the first
+    two candidate tiles are loaded before any arithmetic (one memory latency, not one per tile), each
+    later tile two tiles ahead of its use. For sm_90 (wgmma reads the tiles from shared memory); on
+    sm_80 the ``mma.sync`` operand of a prefetched tile sits in registers, a copy per warp (~64 each
+    at 8 warps), so there each tile is loaded when its turn comes. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
     rows_i = metric_row + pos_i[:, None] * stride_mn
     best = tl.full([BLOCK_I], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_I], tl.int32)
     offs_j = tl.arange(0, BLOCK_J)
-    if SINGLE_CHUNK:
+    if SINGLE_CHUNK and PREFETCH:
         m_i = _rows_tile(rows_i, valid_i, CM, BLOCK_CM)
         rows_j, v_cur = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step, offs_j,
                                         M, CAND_LIST)

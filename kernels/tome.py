@@ -66,7 +66,8 @@ def _tome_match_select_kernel(
         N, NA, NB, P, R, CM,
         BLOCK_NA: tl.constexpr, RADIX_BITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_CM: tl.constexpr,
-        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr, ONE_TILE: tl.constexpr, J_TILES: tl.constexpr):
+        SINGLE_CHUNK: tl.constexpr, RANK_CHUNK: tl.constexpr, ONE_TILE: tl.constexpr, J_TILES: tl.constexpr,
+        PREFETCH: tl.constexpr):
     """Bipartite matching, top-``r`` selection and the output order of one image (grid ``(B,)``).
 
     The ``NS = NA - A0`` non-prefix A tokens (``A0 = (P + 1) // 2``) are matched against the
@@ -81,7 +82,8 @@ def _tome_match_select_kernel(
 
     ``ONE_TILE`` (``NS <= BLOCK_I`` and ``M <= J_TILES * BLOCK_J``: ViT/16 at 224 px, 98 x 98): the
     chain stays in registers. :func:`~fastprune.kernels.match.cosine_argmax_tile` (one source tile,
-    ``J_TILES`` unrolled candidate tiles, one max-with-index reduction each, no running loop);
+    ``J_TILES`` unrolled candidate tiles, one max-with-index reduction each, no running loop; with
+    ``PREFETCH``, sm_90, every tile's load issued with the sources');
     :func:`~fastprune.kernels.select.rank_topk` of the best scores (one ``[BLOCK_I, BLOCK_I]``
     comparison and reduction); one cumsum of the merged flags; then the plan's lists gathered in
     registers: each non-prefix A token's place ``dest`` in them (unmerged ones, then merged ones, each
@@ -111,7 +113,8 @@ def _tome_match_select_kernel(
         valid_i = offs_i < NS
         best, arg = cosine_argmax_tile(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
                                        metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION,
-                                       UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES)
+                                       UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES,
+                                       PREFETCH)
         merged = rank_topk(order_keys(best, valid_i, False), R, BLOCK_I)
         nth = tl.cumsum(merged.to(tl.int32), axis=0) - 1  # among the merged ones
         slot_i = tl.where(merged, b_base + arg, P + offs_i - nth - 1)
@@ -170,14 +173,17 @@ def _tome_match_select_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launch configuration (shared with the ahead-of-time compile specs below)
 # ----------------------------------------------------------------------------------------------------
-def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: bool = False) -> tuple[dict, int]:
-    """Constants and num_warps of :func:`_tome_match_select_kernel` for ``N`` tokens.
+def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: bool = False,
+                        cc: int = 90) -> tuple[dict, int]:
+    """Constants and num_warps of :func:`_tome_match_select_kernel` for ``N`` tokens on ``sm_<cc>``.
 
     ``ONE_TILE`` when the ``NS`` non-prefix A and ``M`` non-prefix B tokens each fit 128 (up to 257
     tokens: ViT/16 at 224 px): ``BLOCK_I`` covers the A tokens, ``J_TILES`` unrolled candidate tiles
     of ``BLOCK_J`` (up to 64) the B tokens (powers of two, at least 16 for ``tl.dot``); 8 warps for
     16-bit metrics, 16 for float32 (TF32x3 triples the products' registers): within 128 registers,
-    no spills, 16 warps resident per SM (a single 128-candidate tile needs ~150 at 8 warps). Otherwise
+    no spills, 16 warps resident per SM (a single 128-candidate tile needs ~150 at 8 warps); from
+    sm_90 on the candidate tiles are loaded with the sources (``PREFETCH``: 110 registers; on sm_80
+    each prefetched ``mma.sync`` operand would hold a copy per warp, 228). Otherwise
     ``kernels/match.py``'s tiles with up to 128 sources per tile (64 beyond 2048 tokens; 32 for
     float32) and the top-r of the scratch
     row (ranks for ``BLOCK_NA <= 256``, else the radix search and its width); 8 warps for tiles of 64
@@ -198,8 +204,17 @@ def match_select_config(N: int, p: int, CM: int, dtype: torch.dtype, compiled: b
         num_warps = 8 if block_i >= 64 or block_na > 1024 else 4
     consts.update(BLOCK_NA=block_na, RADIX_BITS=radix_bits(block_na, num_warps),
                   RANK_CHUNK=rank_chunk(block_na, num_warps), BLOCK_I=block_i, ONE_TILE=one_tile,
-                  J_TILES=triton.cdiv(M, consts["BLOCK_J"]) if one_tile else 1)
+                  J_TILES=triton.cdiv(M, consts["BLOCK_J"]) if one_tile else 1,
+                  PREFETCH=one_tile and consts["SINGLE_CHUNK"] and cc >= 90)
     return consts, num_warps
+
+
+def device_cc(t: torch.Tensor) -> int:
+    """``10 major + minor`` of the GPU holding ``t`` (90 for CPU tensors under the interpreter)."""
+    if t.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ def _match_and_select(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
     score = torch.empty(B, NS, dtype=torch.float32, device=dev)
     partner = torch.empty(B, NS, dtype=torch.int32, device=dev)
     plan = torch.empty(B, 2 * N + r, dtype=torch.int64, device=dev)
-    consts, num_warps = match_select_config(N, p, CM, metric.dtype)
+    consts, num_warps = match_select_config(N, p, CM, metric.dtype, cc=device_cc(metric))
     _tome_match_select_kernel[(B,)](metric, metric.stride(0), metric.stride(1), score, partner, plan,
                                     N, NA, NB, p, r, CM, **consts, num_warps=num_warps)
     return plan
@@ -305,12 +320,17 @@ def _aot_specs() -> list[KernelSpec]:
         specs.append(backward_spec(f"tome_merge_backward[{tag},size]", dtype, True, False, True, False, True))
     for N, dtype in ((197, torch.float32), (197, torch.float16), (197, torch.bfloat16), (577, torch.bfloat16),
                      (2049, torch.float16)):  # ViT/16 at 224 and 384 px with the class token, a large input
-        consts, warps = match_select_config(N, 1, 64, dtype, compiled=True)
-        specs.append(KernelSpec(
-            f"tome_match_select[{str(dtype).replace('torch.', '')},N={N},Cm=64]", _tome_match_select_kernel,
-            dict(metric_ptr=PTR[dtype], metric_stride_b="i32", metric_stride_n="i32", score_ptr="*fp32",
-                 partner_ptr="*i32", plan_ptr="*i64", N="i32", NA="i32", NB="i32", P="i32", R="i32", CM="i32"),
-            consts, warps, divisible=("CM", "metric_stride_b", "metric_stride_n")))
+        name = f"tome_match_select[{str(dtype).replace('torch.', '')},N={N},Cm=64]"
+        by_cc = {cc: match_select_config(N, 1, 64, dtype, compiled=True, cc=cc) for cc in (80, 90)}
+        # one spec per architecture where the constants differ (the one-tile prefetch), else one for all
+        variants = [(name, by_cc[90], ())] if by_cc[80] == by_cc[90] else \
+            [(name, by_cc[90], (90,)), (f"{name[:-1]},sm80]", by_cc[80], (80,))]
+        for spec_name, (consts, warps), ccs in variants:
+            specs.append(KernelSpec(
+                spec_name, _tome_match_select_kernel,
+                dict(metric_ptr=PTR[dtype], metric_stride_b="i32", metric_stride_n="i32", score_ptr="*fp32",
+                     partner_ptr="*i32", plan_ptr="*i64", N="i32", NA="i32", NB="i32", P="i32", R="i32", CM="i32"),
+                consts, warps, divisible=("CM", "metric_stride_b", "metric_stride_n"), ccs=ccs))
     return specs
 
 

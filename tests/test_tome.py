@@ -241,17 +241,21 @@ def test_kernel_gradients_match_reference(with_size, N, C, p, r, dtype, tol, siz
 
 
 def _plans_one_tile_and_general(metric, r, p):
-    """The merge plan of _tome_match_select_kernel by its ONE_TILE chain (registers) and by its general
-    path (16-source tiles, running argmax over 16-candidate tiles, scratch rows, rank top-k read back)."""
+    """The merge plan of _tome_match_select_kernel by its ONE_TILE chain (registers) as configured for
+    sm_90 and for sm_80 (the candidate tiles prefetched with the sources, or loaded in turn: the same
+    for a metric in channel chunks), and by its general path (16-source tiles, running argmax over
+    16-candidate tiles, scratch rows, rank top-k read back)."""
     from fastprune.kernels.tome import _tome_match_select_kernel, match_select_config
 
     B, N, CM = metric.shape
     NS = (N + 1) // 2 - (p + 1) // 2
-    consts, warps = match_select_config(N, p, CM, metric.dtype)
-    assert consts["ONE_TILE"]
+    consts, warps = match_select_config(N, p, CM, metric.dtype, cc=90)
+    sm80, _ = match_select_config(N, p, CM, metric.dtype, cc=80)
+    assert consts["ONE_TILE"] and not sm80["PREFETCH"]
+    assert consts["PREFETCH"] == consts["SINGLE_CHUNK"]
     general = dict(consts, ONE_TILE=False, J_TILES=1, BLOCK_I=16, BLOCK_J=16)
     plans = []
-    for c, w in ((consts, warps), (general, 4)):
+    for c, w in ((consts, warps), (sm80, warps), (general, 4)):
         score = torch.empty(B, NS, device=DEVICE)
         partner = torch.empty(B, NS, dtype=torch.int32, device=DEVICE)
         plan = torch.full((B, 2 * N + r), -7, dtype=torch.int64, device=DEVICE)
@@ -262,16 +266,21 @@ def _plans_one_tile_and_general(metric, r, p):
 
 
 @pytest.mark.parametrize("N,p,r", [(197, 1, 1), (197, 1, 98), (197, 1, 13), (40, 2, 19), (23, 0, 11), (6, 3, 1)])
-def test_one_tile_chain_equals_general_path(N, p, r):
+@pytest.mark.parametrize("Cm,dtype", [(64, torch.float32), (32, torch.float32), (64, torch.float16)])
+def test_one_tile_chain_equals_general_path(N, p, r, Cm, dtype):
     """ViT/16 at 224 px and odd shapes, r at its bounds: the register chain (both candidate tiles,
-    rank top-k of the best scores, lists gathered in registers) writes the general path's plan, and
-    the reference's index; exact ties (one-hot metric) and NaN rows included."""
-    B, Cm = 2, 64
+    prefetched or not, rank top-k of the best scores, lists gathered in registers) writes the general
+    path's plan, and for float32 the reference's index; exact ties (one-hot metric) and NaN rows
+    included. A float32 metric of 64 channels is matched in chunks, 32 channels and float16 in one."""
+    B = 2
     metric = torch.randn(B, N, Cm, device=DEVICE)
     metric[1] = torch.eye(Cm, device=DEVICE)[torch.randint(0, 3, (N,), device=DEVICE)] * 3.0  # ties everywhere
     metric[0, min(N - 1, p + 4)] = float("nan")  # a NaN similarity wins its row and ranks first
-    one_tile, general = _plans_one_tile_and_general(metric, r, p)
-    assert torch.equal(one_tile, general)
+    metric = metric.to(dtype)
+    prefetched, in_turn, general = _plans_one_tile_and_general(metric, r, p)
+    assert torch.equal(prefetched, general) and torch.equal(in_turn, general)
+    if dtype != torch.float32:
+        return
     x = torch.randn(B, N, 8, device=DEVICE)
     ref = tome_merge_tokens(x, r, metric=torch.nan_to_num(metric, nan=0.0), num_prefix_tokens=p,
                             backend="reference")
@@ -286,6 +295,7 @@ def test_one_tile_chain_configuration():
 
     consts, warps = match_select_config(197, 1, 64, torch.bfloat16, compiled=True)
     assert consts["ONE_TILE"] and (consts["BLOCK_I"], consts["BLOCK_J"], consts["J_TILES"], warps) == (128, 64, 2, 8)
+    assert consts["PREFETCH"] and not match_select_config(197, 1, 64, torch.bfloat16, compiled=True, cc=80)[0]["PREFETCH"]
     consts, warps = match_select_config(197, 1, 64, torch.float32, compiled=True)
     assert consts["ONE_TILE"] and (consts["BLOCK_I"], consts["BLOCK_J"], consts["J_TILES"], warps) == (128, 64, 2, 16)
     for N in (577, 2049):
