@@ -484,7 +484,7 @@ def test_weighted_merge_input_errors():
 
 from fastprune import backends as _backends  # noqa: E402
 from fastprune.bat import bat_plan, bat_reference, bat_tokens  # noqa: E402
-from fastprune.tome import tome_merge_reference, tome_merge_tokens  # noqa: E402
+from fastprune.tome import bipartite_soft_matching, tome_merge_reference, tome_merge_tokens  # noqa: E402
 
 TOME_SHAPES = [(1, 2, 3, 0), (2, 7, 5, 0), (2, 13, 12, 1), (3, 31, 33, 2), (2, 30, 16, 3), (2, 197, 48, 1)]
 
@@ -532,6 +532,24 @@ def test_tome_cpp_exact_ties_and_zero_rows():
             assert_same_merge(tome_merge_tokens(x, r, metric=metric, num_prefix_tokens=p, backend="cpp"),
                               tome_merge_reference(x, r, metric=metric, num_prefix_tokens=p)._replace(
                                   size=tome_merge_reference(x, r, metric=metric, num_prefix_tokens=p).size.float()))
+
+
+@requires_ext
+@pytest.mark.parametrize("N", [3, 18, 33, 34, 35, 66, 67, 197])
+def test_tome_cpp_index_equals_reference_across_lane_blocks(N):
+    """The C++ best-partner search (a vectorised maximum in blocks of 16 candidates, then the first
+    element equal to it) keeps the reference's argmax for rows of every length around the blocks:
+    many exact ties (a three-valued metric), rows of zeros (similarity 0), a row of +inf similarities
+    and one with a NaN metric (both take the sequential scan)."""
+    gen = torch.Generator().manual_seed(N)
+    metric = torch.randint(-1, 2, (4, N, 3), generator=gen).float()
+    metric[1, ::3] = 0.0
+    metric[2, 1] = float("inf")
+    metric[3, N // 2] = float("nan")
+    for p in (0, 1):
+        r = max(1, (N - p) // 3)
+        assert torch.equal(torch.ops.fastprune.tome_match(metric, r, p),
+                           bipartite_soft_matching(metric, r, num_prefix_tokens=p).index), (N, p)
 
 
 @requires_ext
