@@ -10,6 +10,10 @@ them. For each launch of the MSTM merge and of ToMe at a ViT geometry the model 
   selection and of the merge's index scan are counted as operations too;
 * ``tensor_cores``: whether the kernel's products run on tensor cores;
 * ``registers`` / ``resident_warps``: from the ahead-of-time sm_90 compile (``--aot``), else blank;
+* ``sass_barriers``: the ``BAR.SYNC`` instructions of that compile as written (reductions and scans
+  across warps, layout conversions through shared memory). Not part of ``serial_us``, which counts
+  the algorithm's reductions: a kernel with many more barriers than modelled reductions has a
+  longer chain than predicted;
 * ``predicted_us``: ``max(min_bytes / bandwidth, written_flops / peak, serial_us)``, where
   ``serial_us`` is the latency-bound time of the dependent steps each program walks through
   (block reductions, dependent loads, and the instructions of the rank top-k's comparison tiles,
@@ -265,8 +269,9 @@ def predict(launch: Launch, machine: Machine, resident_warps: Optional[int]) -> 
 
 
 def aot_usage(names, cc: int = 90) -> dict:
-    """``{spec name: (registers, resident warps)}`` of the named specs as the JIT specialises them,
-    compiled now (no GPU needed)."""
+    """``{spec name: (registers, resident warps, barriers)}`` of the named specs as the JIT specialises
+    them, compiled now (no GPU needed); barriers: ``BAR.SYNC`` in the SASS as written (not counted by
+    the model's serial steps: a check on them)."""
     from fastprune.kernels import aot
 
     wanted = {f"{n}@jit" for n in names}
@@ -275,7 +280,7 @@ def aot_usage(names, cc: int = 90) -> dict:
     for row in aot.compile_all((cc,), specs=specs):
         if row["ok"]:
             out[row["name"][: -len("@jit")]] = (row["registers"], aot.resident_warps(
-                row["registers"], row["num_warps"], row.get("shared_bytes") or 0))
+                row["registers"], row["num_warps"], row.get("shared_bytes") or 0), row.get("barriers"))
     return out
 
 
@@ -294,13 +299,14 @@ def table(batches=(1, 256), dtype: str = "bf16", N: int = 197, C: int = 768, r: 
         for method, method_launches in launches(B, dtype, N, C, r).items():
             forward = 0.0
             for launch in method_launches:
-                regs, warps = (usage or {}).get(launch.aot_name, (None, None))
+                regs, warps, bars = (usage or {}).get(launch.aot_name, (None, None, None))
                 p = predict(launch, machine, warps)
                 if not launch.backward:
                     forward += p["predicted_us"]
                 rows.append(dict(batch=B, dtype=dtype, launch=launch.name, min_mb=launch.min_bytes / 1e6,
                                  useful_gflop=launch.useful_flops / 1e9, written_gflop=launch.written_flops / 1e9,
-                                 tensor_cores=launch.tensor_cores, registers=regs, resident_warps=warps, **p))
+                                 tensor_cores=launch.tensor_cores, registers=regs, resident_warps=warps,
+                                 sass_barriers=bars, **p))
             rows.append(dict(batch=B, dtype=dtype, launch=f"{method} forward / one ViT-B block (75% of TC peak)",
                              predicted_us=forward, bound=f"{forward / block_us:.0%} of {block_us:.0f} us"))
     return rows
@@ -316,7 +322,7 @@ def main(argv=None) -> list:
     usage = aot_usage(sorted(names)) if args.aot else None
     rows = [row for dtype in args.dtype for row in table(args.batch, dtype, usage=usage)]
     cols = ["batch", "dtype", "launch", "min_mb", "useful_gflop", "written_gflop", "tensor_cores", "registers",
-            "resident_warps", "memory_us", "compute_us", "serial_us", "predicted_us", "bound", "x_roofline"]
+            "resident_warps", "sass_barriers", "memory_us", "compute_us", "serial_us", "predicted_us", "bound", "x_roofline"]
     print(f"Cost model (a model, not a measurement): the MSTM merge and ToMe at ViT-B/16, N=197, C=768, r=13 "
           f"(ToMe's metric: 64-channel head-mean keys), {H200.name} ({H200.bandwidth_gbps:.0f} GB/s copy, "
           f"{H200.fp32_fma_tflops:.0f} TFLOP/s fp32 FMA, {H200.tc_tflops:.0f} TFLOP/s bf16 tensor cores); "

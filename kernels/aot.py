@@ -323,17 +323,25 @@ def loads_after_first_product(sass: str) -> dict:
     return {"global_loads": len(loads), "loads_after_product": len(waiting)}
 
 
+def barriers(sass: str) -> int:
+    """Block-wide barriers (``BAR.SYNC``) in a kernel's SASS, as written (a loop's count once): each
+    reduction across warps, scan across warps or layout conversion through shared memory takes one
+    or two; for straight-line code, roughly the synchronisation steps of one program's chain."""
+    return sum(1 for _, text in _SASS_ADDRESS.findall(sass) if re.search(r"\bBAR\.SYNC\b", text))
+
+
 def resource_usage(compiled) -> dict:
     """Registers, stack bytes (register spills and local arrays), shared memory, local-memory
-    accesses (all, and inside loops: see :func:`local_memory_in_loops`) and global loads (all, and
-    after the first tensor-core product: :func:`loads_after_first_product`) of a compiled kernel.
+    accesses (all, and inside loops: see :func:`local_memory_in_loops`), global loads (all, and
+    after the first tensor-core product: :func:`loads_after_first_product`) and barriers
+    (:func:`barriers`) of a compiled kernel.
 
     Read from the cubin with ``cuobjdump -res-usage`` and ``-sass``; None where that tool is missing.
     """
     usage = {"registers": None, "stack_bytes": None, "local_bytes": None,
              "shared_bytes": getattr(compiled.metadata, "shared", None),
              "local_accesses": None, "local_accesses_in_loops": None, "loop_local_density": None,
-             "global_loads": None, "loads_after_product": None}
+             "global_loads": None, "loads_after_product": None, "barriers": None}
     tool = _cuobjdump_path()
     cubin = compiled.asm.get("cubin")
     if tool is None or not cubin:
@@ -352,6 +360,7 @@ def resource_usage(compiled) -> dict:
         usage["local_accesses"], usage["local_accesses_in_loops"] = local["total"], local["in_loops"]
         usage["loop_local_density"] = local["loop_density"]
         usage.update(loads_after_first_product(sass))
+        usage["barriers"] = barriers(sass)
     return usage
 
 

@@ -113,6 +113,8 @@ def test_loads_after_first_product_reads_sass():
     assert aot.loads_after_first_product(sass) == {"global_loads": 2, "loads_after_product": 1}
     assert aot.loads_after_first_product(sass.replace("HGMMA", "FMUL")) == \
         {"global_loads": 2, "loads_after_product": 0}
+    assert aot.barriers(sass) == 0
+    assert aot.barriers(sass.replace("EXIT", "BAR.SYNC.DEFER_BLOCKING 0x0")) == 1
 
 
 def test_tome_one_tile_loads_before_any_product(aot_results):
