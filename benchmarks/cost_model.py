@@ -159,9 +159,10 @@ def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
 
     ``ONE_TILE`` (up to 257 tokens), all in registers: the matching (:func:`_match_work`), the rank
     top-k of the best scores (one ``[BLOCK_I, BLOCK_I]`` comparison tile, 3 operations per pair, one
-    reduction), the cumsum of the merged flags, the lists' inverse (a second tile, 2 operations per
-    pair: the comparison and the select, and a reduction),
-    then the plan's stores (one latency; the scratch rows are stored with them, never read back).
+    reduction), the scan counting the merged flags, then the plan's stores (one latency), scattered
+    from those counts when the metric is one channel chunk (its tiles loaded in the kernel's body);
+    in chunks (float32) the lists' inverse comes first (a second tile, 2 operations per pair: the
+    comparison and the select, and a reduction).
     Otherwise: the matching over source tiles, the scratch rows' store, a barrier and the top-k of the
     row read back (:func:`_select_work`)."""
     from fastprune.kernels.tome import match_select_config
@@ -171,8 +172,9 @@ def tome_match_select_launch(B: int, N: int, CM: int, r: int, dtype: torch.dtype
     consts, warps = match_select_config(N, p, CM, dtype)
     mflops, m_red, m_load = _match_work(NS, M, CM, dtype, consts, ranges=True)
     if consts["ONE_TILE"]:
-        tile_ops = (3 + 2) * consts["BLOCK_I"] ** 2  # the rank tile and the lists' inverse tile
-        sel_ops, sel_red, sel_load, sel_serial = tile_ops + 4 * consts["BLOCK_I"], 3, 1, tile_ops
+        inverse = not consts["SINGLE_CHUNK"]
+        tile_ops = (3 + 2 * inverse) * consts["BLOCK_I"] ** 2  # the rank tile (and the lists' inverse tile)
+        sel_ops, sel_red, sel_load, sel_serial = tile_ops + 4 * consts["BLOCK_I"], 2 + inverse, 1, tile_ops
     else:
         sel_ops, sel_red, sel_load, sel_serial = _select_work((p + 1) // 2, NA, consts, "BLOCK_NA")
     return Launch(

@@ -202,50 +202,41 @@ def cosine_argmax_tile(metric_row, stride_mn, pos_i, valid_i,
                        cand_row, stride_cn, cand_start, cand_step, M, CM,
                        CAND_LIST: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                        COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-                       BLOCK_CM: tl.constexpr, SINGLE_CHUNK: tl.constexpr, J_TILES: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       BLOCK_CM: tl.constexpr, SINGLE_CHUNK: tl.constexpr, J_TILES: tl.constexpr):
     """:func:`cosine_argmax` when all ``M`` candidates fit ``J_TILES`` tiles of ``BLOCK_J``
     (``M <= J_TILES * BLOCK_J``), same arguments and bit-identical results, with no loop over
     candidates: the tiles are unrolled (every load's address is arithmetic, none waits on another
     tile's argmax), and each tile's max-with-index is one reduction (first maximum), merged
-    strictly-greater in tile order. ``SINGLE_CHUNK`` and ``PREFETCH``: the sources' rows and the first
-    two candidate tiles are loaded before any arithmetic (one memory latency, not one per tile), each
-    later tile two tiles ahead of its use. For sm_90 (wgmma reads the tiles from shared memory); on
-    sm_80 the ``mma.sync`` operand of a prefetched tile sits in registers, a copy per warp (~64 each
-    at 8 warps), so there each tile is loaded when its turn comes. Returns ``(best [BLOCK_I] fp32, arg [BLOCK_I] int32)``."""
+    strictly-greater in tile order (:func:`argmax_into`). Returns ``(best [BLOCK_I] fp32, arg
+    [BLOCK_I] int32)``. A kernel holding the tiles already (loaded in its own body) calls
+    :func:`inverse_norms` and :func:`argmax_into` itself."""
     rows_i = metric_row + pos_i[:, None] * stride_mn
     best = tl.full([BLOCK_I], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_I], tl.int32)
-    offs_j = tl.arange(0, BLOCK_J)
-    if SINGLE_CHUNK and PREFETCH:
-        m_i = _rows_tile(rows_i, valid_i, CM, BLOCK_CM)
-        rows_j, v_cur = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step, offs_j,
-                                        M, CAND_LIST)
-        m_cur = _rows_tile(rows_j, v_cur, CM, BLOCK_CM)
-        m_nxt, v_nxt = m_cur, v_cur
-        if J_TILES > 1:
-            rows_j, v_nxt = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step,
-                                            BLOCK_J + offs_j, M, CAND_LIST)
-            m_nxt = _rows_tile(rows_j, v_nxt, CM, BLOCK_CM)
-        inv_i = _inv_norm(_sq_norms(m_i), COS_EPS)
-        for jt in tl.static_range(J_TILES):
-            if jt + 2 < J_TILES:
-                rows_j, v_fut = _candidate_rows(metric_row, stride_mn, cand_row, stride_cn, cand_start, cand_step,
-                                                (jt + 2) * BLOCK_J + offs_j, M, CAND_LIST)
-                m_fut = _rows_tile(rows_j, v_fut, CM, BLOCK_CM)
-            sim = _tile_sim(m_i, inv_i, m_cur, v_cur, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J)
-            best, arg = _first_better(sim, best, arg, jt * BLOCK_J)
-            m_cur, v_cur = m_nxt, v_nxt
-            if jt + 2 < J_TILES:
-                m_nxt, v_nxt = m_fut, v_fut
-    else:
-        m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
-        for jt in tl.static_range(J_TILES):
-            sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn,
-                                 cand_start, cand_step, jt * BLOCK_J + offs_j, M, CM, CAND_LIST, PRECISION, UPCAST,
-                                 COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
-            best, arg = _first_better(sim, best, arg, jt * BLOCK_J)
+    m_i, inv_i = _source_tile(rows_i, valid_i, CM, COS_EPS, BLOCK_I, BLOCK_CM, SINGLE_CHUNK)
+    for jt in tl.static_range(J_TILES):
+        sim = _candidate_sim(metric_row, stride_mn, rows_i, valid_i, m_i, inv_i, cand_row, stride_cn,
+                             cand_start, cand_step, jt * BLOCK_J + tl.arange(0, BLOCK_J), M, CM, CAND_LIST,
+                             PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK)
+        best, arg = _first_better(sim, best, arg, jt * BLOCK_J)
     return tl.where(best == float("inf"), float("nan"), best), arg
+
+
+@triton.jit
+def inverse_norms(m, COS_EPS: tl.constexpr):
+    """``1 / max(|m_i|, eps)`` of a loaded one-chunk metric tile's rows (IEEE), float32."""
+    return _inv_norm(_sq_norms(m), COS_EPS)
+
+
+@triton.jit
+def argmax_into(m_i, inv_i, m_j, valid_j, best, arg, j0, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                COS_EPS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One loaded candidate tile (``m_j``, candidates ``j0 + arange(BLOCK_J)``, ``valid_j``) merged into
+    the running ``(best, arg)`` of the loaded sources ``m_i`` (inverse norms ``inv_i``): the tile's
+    :func:`_tile_sim`, its first maximum, taken where strictly greater. Start from ``(-inf, 0)``; the
+    final ``best`` holds ``+inf`` where a NaN similarity won (:func:`cosine_argmax` returns NaN)."""
+    sim = _tile_sim(m_i, inv_i, m_j, valid_j, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J)
+    return _first_better(sim, best, arg, j0)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ similarity matrix in global memory:
   map ``[B, N]`` followed by compact lists (each output row's own token, the merged A tokens and
   their destinations). Up to 257 tokens (ViT/16 at 224 px: 98 A x 98 B) the chain stays in
   registers: one source tile against unrolled candidate tiles, the rank top-k of the best scores,
-  one cumsum, the lists gathered by an inverse in registers, the plan's stores. Longer inputs
+  one scan, the plan's stores (its lists scattered; for float32 gathered by an inverse). Longer inputs
   match 128 (64) sources at a time with a running argmax, through scratch rows and a barrier.
   Near-ties (similarities closer than :func:`fastprune.kernels.match.near_tie_eps`) may resolve
   otherwise than the float64 reference; exact ties go to the lower B index.
@@ -50,7 +50,8 @@ from fastprune.reference import Merged
 
 from . import check_triton_device
 from .aot import KernelSpec, register
-from .match import compiled_match_config, cosine_argmax, cosine_argmax_tile, match_config
+from .match import (argmax_into, compiled_match_config, cosine_argmax, cosine_argmax_tile, inverse_norms,
+                    match_config)
 from .select import order_keys, radix_bits, rank_chunk, rank_topk, rank_topk_row, topk_mask
 from .weighted_merge import PTR, backward_spec, merge_spec, weighted_merge, weighted_merge_backward
 
@@ -87,17 +88,22 @@ def _tome_match_select_kernel(
     their slots (``kernels/weighted_merge.py`` gathers from these lists).
 
     ``ONE_TILE`` (``NS <= BLOCK_I`` and ``M <= J_TILES * BLOCK_J``: ViT/16 at 224 px, 98 x 98): the
-    chain stays in registers. :func:`~fastprune.kernels.match.cosine_argmax_tile` (one source tile,
-    ``J_TILES`` unrolled candidate tiles, one max-with-index reduction each, no running loop; with
-    ``PREFETCH``, sm_90, every tile's load issued with the sources');
+    chain stays in registers. The matching: one source tile against ``J_TILES`` (at most 2) unrolled
+    candidate tiles, one max-with-index reduction each, no running loop. In one channel chunk
+    (16-bit metrics) the tiles are loaded in this body (with ``PREFETCH``, sm_90, every tile's load
+    issued with the sources'; on sm_80 each in its turn) and matched by
+    :func:`~fastprune.kernels.match.argmax_into`; in chunks (float32) by
+    :func:`~fastprune.kernels.match.cosine_argmax_tile`. Then
     :func:`~fastprune.kernels.select.rank_topk` of the best scores (one ``[BLOCK_I, BLOCK_I]``
-    comparison and reduction); one scan counting the merged flags, which carries each token's flag
-    and partner packed in one int32 (so the vectors change layout once into the scan, not at every
-    step: on sm_90 with triton 3.8, 31 barriers instead of 43); then the plan's lists gathered in registers: each
-    non-prefix A token's place ``dest`` in them (unmerged ones, then merged ones, each in order)
-    inverted by a second ``[BLOCK_I, BLOCK_I]`` comparison and reduction, so every store's
-    address is arithmetic (contiguous rows, and torch's TTIR write analysis does not trace an address
-    back into the metric through the device functions' results). The scratch rows are not touched.
+    comparison and reduction) and one scan counting the merged flags, which carries each token's flag
+    and partner packed in one int32 (the vectors change layout once, into the scan). The plan's lists
+    are then scattered from those counts (one channel chunk: their addresses derive from the body's
+    loads, where torch's TTIR write analysis stops), or, in chunks, gathered by inverting each A
+    token's place ``dest`` in them with a second ``[BLOCK_I, BLOCK_I]`` comparison and reduction, so
+    that every store's address is arithmetic (the analysis follows a device function's result to
+    all its arguments, the metric pointer among them). Triton 3.8, sm_90, bf16: 13 barriers in the
+    SASS (43 before the scan carried the partners and the lists were scattered). The scratch rows
+    are not touched.
 
     Otherwise (longer rows: 577, 2049 tokens): :func:`~fastprune.kernels.match.cosine_argmax` over
     source tiles of ``BLOCK_I`` with a running argmax over candidate tiles of ``BLOCK_J``, the scratch
@@ -119,10 +125,40 @@ def _tome_match_select_kernel(
     if ONE_TILE:
         offs_i = tl.arange(0, BLOCK_I)
         valid_i = offs_i < NS
-        best, arg = cosine_argmax_tile(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
-                                       metric_ptr, 0, 2 * (P // 2) + 1, 2, NB - P // 2, CM, False, PRECISION,
-                                       UPCAST, COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES,
-                                       PREFETCH)
+        M = NB - P // 2  # candidate j is token 2 (P // 2) + 1 + 2 j
+        if SINGLE_CHUNK:
+            # the tiles are loaded in the kernel's own body: the plan's store addresses below derive
+            # from these loads, where torch's TTIR write analysis stops (through a device function's
+            # result it would reach the metric pointer and count the metric as written)
+            offs_c = tl.arange(0, BLOCK_CM)
+            cmask = (offs_c < CM)[None, :]
+            offs_j = tl.arange(0, BLOCK_J)
+            cand = metric_row + (2 * (P // 2) + 1) * metric_stride_n + offs_c[None, :]
+            m_i = tl.load(metric_row + (2 * A0 + 2 * offs_i.to(tl.int64))[:, None] * metric_stride_n + offs_c[None, :],
+                          mask=valid_i[:, None] & cmask, other=0.0)
+            if PREFETCH:  # sm_90: every tile's load issued with the sources'
+                m_j = tl.load(cand + (2 * offs_j.to(tl.int64))[:, None] * metric_stride_n,
+                              mask=(offs_j < M)[:, None] & cmask, other=0.0)
+                if J_TILES > 1:
+                    m_j1 = tl.load(cand + (2 * (BLOCK_J + offs_j).to(tl.int64))[:, None] * metric_stride_n,
+                                   mask=((BLOCK_J + offs_j) < M)[:, None] & cmask, other=0.0)
+            inv_i = inverse_norms(m_i, COS_EPS)
+            if not PREFETCH:  # sm_80: each tile in its turn (a prefetched mma.sync operand costs registers)
+                m_j = tl.load(cand + (2 * offs_j.to(tl.int64))[:, None] * metric_stride_n,
+                              mask=(offs_j < M)[:, None] & cmask, other=0.0)
+            best, arg = argmax_into(m_i, inv_i, m_j, offs_j < M, tl.full([BLOCK_I], float("-inf"), tl.float32),
+                                    tl.zeros([BLOCK_I], tl.int32), 0, PRECISION, UPCAST, COS_EPS, BLOCK_I, BLOCK_J)
+            if J_TILES > 1:
+                if not PREFETCH:
+                    m_j1 = tl.load(cand + (2 * (BLOCK_J + offs_j).to(tl.int64))[:, None] * metric_stride_n,
+                                   mask=((BLOCK_J + offs_j) < M)[:, None] & cmask, other=0.0)
+                best, arg = argmax_into(m_i, inv_i, m_j1, (BLOCK_J + offs_j) < M, best, arg, BLOCK_J, PRECISION,
+                                        UPCAST, COS_EPS, BLOCK_I, BLOCK_J)
+            best = tl.where(best == float("inf"), float("nan"), best)  # a NaN similarity won
+        else:
+            best, arg = cosine_argmax_tile(metric_row, metric_stride_n, 2 * A0 + 2 * offs_i.to(tl.int64), valid_i,
+                                           metric_ptr, 0, 2 * (P // 2) + 1, 2, M, CM, False, PRECISION, UPCAST,
+                                           COS_EPS, BLOCK_I, BLOCK_J, BLOCK_CM, SINGLE_CHUNK, J_TILES)
         merged = rank_topk(order_keys(best, valid_i, False), R, BLOCK_I)
         # the merged flag and the partner ride through the count of merged tokens in one int32 (one
         # layout conversion into the scan; everything after it stays in the scan's layout)
@@ -135,18 +171,27 @@ def _tome_match_select_kernel(
         arg = code - tl.where(merged, width, 0)
         slot_i = tl.where(merged, b_base + arg, P + offs_i - nth - 1)
         tl.store(plan + 2 * A0 + 2 * offs_i, slot_i.to(tl.int64), mask=valid_i)
-        # list entry t (row t of a one-hot [t, i] tile) gets the A token whose dest is t (BLOCK_I, no
-        # entry, for padding): its index and partner, packed with dest in one int32 (one conversion)
-        dest = tl.where(valid_i, tl.where(merged, NS - R + nth, offs_i - nth - 1), BLOCK_I)
-        packed_i = (dest << 16) | (offs_i * width + arg)
-        packed = tl.sum(tl.where((packed_i >> 16)[None, :] == offs_i[:, None], (packed_i & 0xFFFF)[None, :], 0),
-                        axis=1)
-        own = (2 * A0 + 2 * (packed // width)).to(tl.int64)
-        kept_t = offs_i < NS - R
-        merged_t = valid_i & (offs_i >= NS - R)
-        tl.store(plan + N + P + offs_i, own, mask=kept_t)
-        tl.store(plan + (N + S - (NS - R)) + offs_i, own, mask=merged_t)
-        tl.store(plan + (N + S + R - (NS - R)) + offs_i, (b_base + packed % width).to(tl.int64), mask=merged_t)
+        if SINGLE_CHUNK:  # the lists, scattered: unmerged A tokens to their rows, merged ones in order
+            own_i = (2 * A0 + 2 * offs_i).to(tl.int64)
+            tl.store(plan + N + slot_i, own_i, mask=valid_i & (code < width))
+            tl.store(plan + N + S + nth, own_i, mask=merged)
+            tl.store(plan + N + S + R + nth, slot_i.to(tl.int64), mask=merged)
+        else:
+            # list entry t (row t of a one-hot [t, i] tile) gets the A token whose dest is t (BLOCK_I,
+            # no entry, for padding): its index and partner, packed with dest in one int32; every
+            # store's address is then arithmetic (the addresses above derive from device functions'
+            # results, which torch's write analysis would follow to the metric)
+            dest = tl.where(valid_i, tl.where(merged, NS - R + nth, offs_i - nth - 1), BLOCK_I)
+            packed_i = (dest << 16) | (offs_i * width + arg)
+            packed = tl.sum(tl.where((packed_i >> 16)[None, :] == offs_i[:, None], (packed_i & 0xFFFF)[None, :],
+                                     0), axis=1)
+            own = (2 * A0 + 2 * (packed // width)).to(tl.int64)
+            kept_t = offs_i < NS - R
+            merged_t = valid_i & (offs_i >= NS - R)
+            tl.store(plan + N + P + offs_i, own, mask=kept_t)
+            tl.store(plan + (N + S - (NS - R)) + offs_i, own, mask=merged_t)
+            tl.store(plan + (N + S + R - (NS - R)) + offs_i, (b_base + packed % width).to(tl.int64),
+                     mask=merged_t)
         pos_a = 2 * tl.arange(0, BLOCK_NA)
         tl.store(plan + pos_a, pos_a.to(tl.int64), mask=pos_a < P)
         tl.store(plan + N + pos_a, pos_a.to(tl.int64), mask=pos_a < P)
