@@ -201,6 +201,7 @@ def test_overhead_rows_compare_each_method_with_its_free_variant(monkeypatch):
                                 "--profile-reps", "1", "--methods", "tome,evit", "--no-write"])
     rows = overhead.run(args)
     assert [r["method"] for r in rows] == ["tome", "evit"]
-    assert all(r["ms_free"] > 0 and 0 < r["reduce_share"] < 1 and "ms_eager" in r for r in rows)
+    assert all(r["ms_free"] > 0 and 0 < r["reduce_share"] < 1 and 0 < r["reduce_share_wall"] < 1 and "ms_eager" in r
+               for r in rows)
     with pytest.raises(ValueError, match="no reducer"):
         variants.profiled("idle")
